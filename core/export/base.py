@@ -1,0 +1,94 @@
+"""Exporter protocol and registry."""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, ClassVar, Protocol
+
+import torch
+
+from core.qtensors import QuantizedWeight
+
+
+class Exporter(Protocol):
+    name: ClassVar[str]  # e.g. "compressed-tensors"
+    loaders: ClassVar[str]  # who can run it, for messages and docs: "transformers, vLLM"
+
+    def accepts(self, method_config: Any) -> str | None:
+        """None if this layout can represent the method's output, else the reason it cannot."""
+        ...
+
+    def tensors(self, name: str, q: QuantizedWeight) -> dict[str, torch.Tensor]:
+        """Tensors to store for linear `name` (full module name, e.g. "model.layers.0.mlp.up_proj"),
+        keyed by full tensor name."""
+        ...
+
+    def quantization_config(self, method_config: Any, quantized: list[str], ignored: list[str]) -> dict:
+        """The `quantization_config` block of config.json, as the consuming library defines it."""
+        ...
+
+    @classmethod
+    def detect(cls, quantization_config: dict) -> bool:
+        """Whether a config.json `quantization_config` is in this layout."""
+        ...
+
+    def read_weight(
+        self, name: str, get: Callable[[str], torch.Tensor | None], quantization_config: dict
+    ) -> QuantizedWeight | None:
+        """Rebuild linear `name` from stored tensors (`get(tensor_name)` returns None when absent);
+        None when the module was stored unquantized."""
+        ...
+
+
+_REGISTRY: dict[str, type] = {}
+_MODULES = {
+    "compressed-tensors": "core.export.compressed_tensors",
+    "bitsandbytes": "core.export.bnb",
+    "gptq": "core.export.gptq",
+    "awq": "core.export.awq",
+}
+
+
+def register_exporter(cls: type) -> type:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_all() -> None:
+    for module in _MODULES.values():
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:  # a format whose writer is not present yet
+            if exc.name != module:
+                raise
+
+
+def get_exporter(name: str) -> Exporter:
+    if name not in _REGISTRY and name in _MODULES:
+        importlib.import_module(_MODULES[name])
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown export format {name!r} (known: {', '.join(sorted(_MODULES))}, gguf)")
+    return _REGISTRY[name]()
+
+
+def exporters_accepting(method_config: Any) -> list[str]:
+    _load_all()
+    return sorted(n for n, cls in _REGISTRY.items() if cls().accepts(method_config) is None)
+
+
+def default_export(method_config: Any) -> str:
+    """The layout a method's output is written in when the user names none."""
+    method = method_config.method
+    if method in ("nf4", "fp4", "llm_int8"):
+        return "bitsandbytes"
+    if method in ("rtn", "gptq", "awq") and not method_config.sym:
+        return "awq" if method == "awq" and method_config.bits == 4 else "gptq"
+    return "compressed-tensors"
+
+
+def detect_exporter(quantization_config: dict) -> Exporter:
+    _load_all()
+    for cls in _REGISTRY.values():
+        if cls.detect(quantization_config):
+            return cls()
+    method = quantization_config.get("quant_method", "?")
+    raise ValueError(f"unsupported quantization_config (quant_method={method!r}); known: {', '.join(sorted(_REGISTRY))}")
