@@ -1,0 +1,286 @@
+"""Stateless affine-quantization primitives: choose qparams, quantize, dequantize, pack, unpack.
+
+One granularity notion covers per-tensor, per-channel and per-group (torchao-style block view):
+a weight [out, in] is viewed as [rows, G, group] where
+
+  TENSOR  -> rows = 1,   G = 1,            group = out·in   (scale [1, 1])
+  CHANNEL -> rows = out, G = 1,            group = in       (scale [out, 1])
+  GROUP   -> rows = out, G = in/group_size, group = group_size (scale [out, G])
+
+Grid (DESIGN §4): q = clamp(round(x/s) + z, 0, 2^b − 1), x̂ = s·(q − z). Codes are always stored
+unsigned; symmetric uses z = 2^(b−1) and s = absmax/(2^(b−1) − 1), so the code 0 is never produced
+and the grid is symmetric around z. Asymmetric stretches [min, max] (widened to include 0) over
+the full range with z = round(−min/s).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from core.config import Granularity
+from core.qtensors import IntWeight
+
+# Candidate clip ratios for the range search: 1.0 down to 0.5 in 20 steps.
+CLIP_RATIOS: tuple[float, ...] = tuple(1.0 - 0.5 * i / 19 for i in range(20))
+
+# Bits -> (codes per chunk, bytes per chunk): the smallest run of codes that fills whole bytes.
+_BYTE_CHUNKS: dict[int, tuple[int, int]] = {
+    1: (8, 1),
+    2: (4, 1),
+    3: (8, 3),
+    4: (2, 1),
+    5: (8, 5),
+    6: (4, 3),
+    7: (8, 7),
+    8: (1, 1),
+}
+
+# Bits -> codes per int32 word, for the GPTQ/AWQ/compressed-tensors layouts (no cross-word codes).
+_INT32_PER_WORD: dict[int, int] = {2: 16, 4: 8, 8: 4}
+
+
+def _label(name: str | None) -> str:
+    return f" of {name}" if name else ""
+
+
+def _divisor_hint(in_features: int, group_size: int) -> str:
+    """Up to three group sizes (multiples of 8 that divide in_features) closest to the request."""
+    divisors = [d for d in range(8, in_features, 8) if in_features % d == 0]
+    divisors.sort(key=lambda d: (abs(d - group_size), d))
+    picks = sorted(divisors[:3])
+    if not picks:
+        return "use -1 (per-channel)"
+    if len(picks) == 1:
+        return f"use {picks[0]} or -1 (per-channel)"
+    return f"use {', '.join(map(str, picks))} or -1 (per-channel)"
+
+
+def resolve_group_size(
+    in_features: int, granularity: Granularity | str, group_size: int, name: str | None = None
+) -> int:
+    """Columns per scale group for a weight with `in_features` columns.
+
+    group_size ≤ 0 (e.g. -1) or ≥ in_features with GROUP means one group per row (per-channel).
+    Raises ValueError when a group size does not divide in_features.
+    """
+    granularity = Granularity(granularity)
+    if granularity is not Granularity.GROUP or group_size <= 0 or group_size == in_features:
+        return in_features
+    if in_features % group_size:
+        raise ValueError(
+            f"group_size {group_size} does not divide in_features {in_features}{_label(name)}; "
+            f"{_divisor_hint(in_features, group_size)}"
+        )
+    return group_size
+
+
+def _blocks(w: torch.Tensor, granularity: Granularity, group_size: int) -> torch.Tensor:
+    """View w [out, in] as [rows, G, group] (see module docstring)."""
+    out, n_in = w.shape
+    if granularity is Granularity.TENSOR:
+        return w.reshape(1, 1, out * n_in)
+    return w.reshape(out, n_in // group_size, group_size)
+
+
+def _qparams_from_range(
+    lo: torch.Tensor, hi: torch.Tensor, bits: int, sym: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale/zero for ranges lo ≤ 0 ≤ hi (float32, any shape)."""
+    if sym:
+        qmax = 2 ** (bits - 1) - 1
+        amax = torch.maximum(-lo, hi)
+        # An all-zero group has no range; scale 1 keeps the grid finite and still decodes to 0.
+        scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+        zero = torch.full_like(scale, 2 ** (bits - 1), dtype=torch.int32)
+        return scale, zero
+    qmax = 2**bits - 1
+    span = hi - lo
+    scale = torch.where(span > 0, span / qmax, torch.ones_like(span))
+    zero = torch.clamp(torch.round(-lo / scale), 0, qmax).to(torch.int32)
+    return scale, zero
+
+
+def _fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """x [..., group] with scale/zero [..., 1] → dequantized grid values, float32."""
+    zf = zero.float()
+    q = torch.clamp(torch.round(x / scale) + zf, 0, 2**bits - 1)
+    return (q - zf) * scale
+
+
+def choose_qparams(
+    w: torch.Tensor,
+    bits: int,
+    sym: bool,
+    granularity: Granularity | str = Granularity.GROUP,
+    group_size: int = 128,
+    clip_search: bool = False,
+    name: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of the affine grid for weight w.
+
+    w: float [out, in]. Returns scale float32 [rows, G] and zero int32 [rows, G] with rows/G as in
+    the module docstring ([1, 1] per-tensor, [out, 1] per-channel, [out, in/group_size] per-group).
+    clip_search: for each group try every ratio of CLIP_RATIOS on its range and keep the one with
+    the lowest reconstruction MSE (all groups at once; one pass per ratio).
+    """
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight [out, in]{_label(name)}, got shape {tuple(w.shape)}")
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be between 1 and 8{_label(name)}, got {bits}")
+    granularity = Granularity(granularity)
+    gs = resolve_group_size(w.shape[1], granularity, group_size, name)
+    x = _blocks(w.float(), granularity, gs)
+    lo = x.amin(dim=-1, keepdim=True).clamp(max=0)
+    hi = x.amax(dim=-1, keepdim=True).clamp(min=0)
+    scale, zero = _qparams_from_range(lo, hi, bits, sym)
+    if clip_search:
+        best_err = torch.full_like(scale, math.inf)
+        for ratio in CLIP_RATIOS:
+            s, z = _qparams_from_range(lo * ratio, hi * ratio, bits, sym)
+            err = (_fake_quant(x, s, z, bits) - x).square().sum(dim=-1, keepdim=True)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            scale = torch.where(better, s, scale)
+            zero = torch.where(better, z, zero)
+    return scale.squeeze(-1), zero.squeeze(-1)
+
+
+def _expand_groups(t: torch.Tensor, n_in: int, group_size: int) -> torch.Tensor:
+    """[rows, G] per-group values → [rows, in] (or [rows, 1] when G == 1, left to broadcasting)."""
+    if t.shape[1] == 1:
+        return t
+    return t.repeat_interleave(group_size, dim=1)[:, :n_in]
+
+
+def quantize_affine(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int
+) -> torch.Tensor:
+    """Codes of w on the grid (scale, zero).
+
+    w: float [out, in]; scale float [rows, G], zero int [rows, G] with rows ∈ {1, out} and
+    G = in/group_size (or 1). Returns uint8 [out, in] in [0, 2^bits − 1].
+    """
+    n_in = w.shape[1]
+    s = _expand_groups(scale.float(), n_in, group_size)
+    z = _expand_groups(zero.float(), n_in, group_size)
+    q = torch.clamp(torch.round(w.float() / s) + z, 0, 2**bits - 1)
+    return q.to(torch.uint8)
+
+
+def dequantize_affine(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """x̂ = scale·(codes − zero). codes uint8 [out, in]; scale/zero [rows, G]. Returns float32 [out, in]."""
+    n_in = codes.shape[1]
+    s = _expand_groups(scale.float(), n_in, group_size)
+    z = _expand_groups(zero.float(), n_in, group_size)
+    return (codes.float() - z) * s
+
+
+def quantize_to_intweight(
+    w: torch.Tensor,
+    bits: int,
+    sym: bool,
+    granularity: Granularity | str = Granularity.GROUP,
+    group_size: int = 128,
+    clip_search: bool = False,
+    dtype: torch.dtype = torch.float16,
+    name: str | None = None,
+) -> IntWeight:
+    """Round-to-nearest in one call: w float [out, in] → IntWeight (codes uint8 [out, in],
+    scale float32 / zero int32 [rows, G]). `dtype` records the source precision; `name` is used in
+    error messages."""
+    granularity = Granularity(granularity)
+    gs = resolve_group_size(w.shape[1], granularity, group_size, name) if w.dim() == 2 else group_size
+    scale, zero = choose_qparams(w, bits, sym, granularity, gs, clip_search, name)
+    codes = quantize_affine(w, scale, zero, bits, gs)
+    return IntWeight(codes=codes, scale=scale, zero=zero, bits=bits, group_size=gs, sym=sym, dtype=dtype)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack codes uint8 [..., n] (values < 2^bits) into uint8 [..., ceil(n·bits/8)].
+
+    Element order: one little-endian bit stream per row — code i occupies bits i·b … i·b + b − 1
+    counted from the least significant bit of byte 0. So 4-bit puts the first code in the low
+    nibble, and 3-bit stores 8 codes in 3 bytes. A short tail is zero-padded.
+    """
+    if bits not in _BYTE_CHUNKS:
+        raise ValueError(f"cannot pack {bits}-bit codes; supported: {', '.join(map(str, _BYTE_CHUNKS))}")
+    per_chunk, chunk_bytes = _BYTE_CHUNKS[bits]
+    n = codes.shape[-1]
+    lead = codes.shape[:-1]
+    c = codes.to(torch.int64)
+    pad = (-n) % per_chunk
+    if pad:
+        c = torch.nn.functional.pad(c, (0, pad))
+    c = c.reshape(*lead, -1, per_chunk)
+    shifts = torch.arange(per_chunk, dtype=torch.int64) * bits
+    word = (c << shifts).sum(dim=-1, keepdim=True)  # [..., chunks, 1], at most 56 bits
+    byte_shifts = torch.arange(chunk_bytes, dtype=torch.int64) * 8
+    out = ((word >> byte_shifts) & 0xFF).to(torch.uint8).reshape(*lead, -1)
+    return out[..., : math.ceil(n * bits / 8)].contiguous()
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of pack_codes: uint8 [..., ceil(n·bits/8)] → uint8 [..., n]."""
+    if bits not in _BYTE_CHUNKS:
+        raise ValueError(f"cannot unpack {bits}-bit codes; supported: {', '.join(map(str, _BYTE_CHUNKS))}")
+    per_chunk, chunk_bytes = _BYTE_CHUNKS[bits]
+    lead = packed.shape[:-1]
+    p = packed.to(torch.int64)
+    pad = (-p.shape[-1]) % chunk_bytes
+    if pad:
+        p = torch.nn.functional.pad(p, (0, pad))
+    p = p.reshape(*lead, -1, chunk_bytes)
+    word = (p << (torch.arange(chunk_bytes, dtype=torch.int64) * 8)).sum(dim=-1, keepdim=True)
+    codes = (word >> (torch.arange(per_chunk, dtype=torch.int64) * bits)) & (2**bits - 1)
+    codes = codes.reshape(*lead, -1)
+    if codes.shape[-1] < n:
+        raise ValueError(f"packed tensor holds {codes.shape[-1]} {bits}-bit codes, fewer than the {n} requested")
+    return codes[..., :n].to(torch.uint8).contiguous()
+
+
+def pack_int32(codes: torch.Tensor, bits: int, axis: int = -1, order: list[int] | None = None) -> torch.Tensor:
+    """Pack unsigned codes into int32 words along `axis` (GPTQ / AWQ / compressed-tensors layout).
+
+    32/bits consecutive codes along `axis` form one word; code j of a word sits in bits
+    j·b … j·b + b − 1 (little end first: the first code is in the least significant bits).
+    `order` permutes the codes inside each word before packing: slot j holds code order[j]
+    (AWQ's GEMM layout uses [0, 2, 4, 6, 1, 3, 5, 7] for 4-bit). The length along `axis` must be a
+    multiple of 32/bits. Returns int32 with that axis shortened by 32/bits; words with the top bit
+    set are negative (two's complement), as the loaders store them.
+    """
+    if bits not in _INT32_PER_WORD:
+        raise ValueError(f"int32 packing supports {', '.join(map(str, _INT32_PER_WORD))} bits, got {bits}")
+    per = _INT32_PER_WORD[bits]
+    c = codes.to(torch.int64).movedim(axis, -1)
+    n = c.shape[-1]
+    if n % per:
+        raise ValueError(f"cannot pack {n} {bits}-bit codes into int32: the count must be a multiple of {per}")
+    c = c.reshape(*c.shape[:-1], n // per, per)
+    if order is not None:
+        c = c[..., order]
+    shifts = torch.arange(per, dtype=torch.int64) * bits
+    word = (c << shifts).sum(dim=-1)
+    word = torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+    return word.movedim(-1, axis).contiguous()
+
+
+def unpack_int32(
+    packed: torch.Tensor, bits: int, axis: int = -1, order: list[int] | None = None
+) -> torch.Tensor:
+    """Inverse of pack_int32: int32 words → uint8 codes, `axis` lengthened by 32/bits."""
+    if bits not in _INT32_PER_WORD:
+        raise ValueError(f"int32 packing supports {', '.join(map(str, _INT32_PER_WORD))} bits, got {bits}")
+    per = _INT32_PER_WORD[bits]
+    p = packed.to(torch.int64).movedim(axis, -1) & 0xFFFFFFFF
+    shifts = torch.arange(per, dtype=torch.int64) * bits
+    c = (p.unsqueeze(-1) >> shifts) & (2**bits - 1)
+    if order is not None:
+        inverse = [0] * per
+        for slot, src in enumerate(order):
+            inverse[src] = slot
+        c = c[..., inverse]
+    c = c.reshape(*c.shape[:-2], -1).to(torch.uint8)
+    return c.movedim(-1, axis).contiguous()
