@@ -1,0 +1,308 @@
+"""GPTQ: quantize a linear column by column and push each column's rounding error onto the columns
+not yet quantized, weighted by the inverse Hessian of the layer's inputs (Frantar et al., 2022).
+
+Structure follows IST-DASLab's gptq.py: `add_batch` accumulates H = 2/n Σ x xᵀ, `quantize` runs
+the blocked Cholesky update, `free` drops the Hessian. The grid (scale, zero) comes from
+`core.primitives.choose_qparams`; this module only decides *which* values are rounded and how the
+error is propagated.
+
+Within a decoder layer the linears are quantized true-sequentially: the linears that read the same
+tensor (q/k/v, gate/up) share one Hessian and are quantized together as one stacked matrix (GPTQ
+rows are independent given H, so stacking is exact and saves the per-column Python overhead), and
+the next group's Hessian is collected by re-running the layer with the earlier groups already
+quantized.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from core.config import GPTQConfig, Granularity
+from core.events import CancelToken, Log, Progress, Sink, check_cancel, null_sink
+from core.methods.base import LayerContext, register
+from core.methods.capture import capture_group_inputs, input_groups
+from core.methods.rtn import source_dtype
+from core.primitives import choose_qparams, resolve_group_size
+from core.qtensors import IntWeight
+
+log = logging.getLogger(__name__)
+
+# Each failed Cholesky multiplies the dampening by 10; after this many tries the inputs are
+# hopeless (NaN/Inf activations) and we stop instead of quantizing against garbage.
+MAX_DAMP_RETRIES = 6
+
+
+@dataclass
+class GPTQResult:
+    weight: IntWeight
+    row_losses: torch.Tensor  # float32 [out]: GPTQ's proxy error Σ_i (w − q)² / Hinv[i,i]² / 2 per row
+    damp: float  # the relative dampening that finally made H positive definite
+
+    @property
+    def loss(self) -> float:
+        return float(self.row_losses.sum())
+
+
+class GPTQ:
+    """Hessian accumulator and solver for one weight matrix [out, in] (or several stacked ones
+    that read the same input)."""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+        self.columns = in_features
+        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.nsamples = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        """x: [..., in] inputs of the linear; every leading position counts as one sample."""
+        x = x.reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)
+        n = x.shape[0]
+        if n == 0:
+            return
+        total = self.nsamples + n
+        # Running mean keeps H on the scale of one sample, whatever the calibration size.
+        self.H.mul_(self.nsamples / total)
+        self.H.addmm_(x.t(), x, alpha=2.0 / total)
+        self.nsamples = total
+
+    def quantize(
+        self,
+        weight: torch.Tensor,
+        config: GPTQConfig,
+        *,
+        name: str = "weight",
+        cancel: CancelToken | None = None,
+        sink: Sink = null_sink,
+        dtype: torch.dtype = torch.float16,
+    ) -> GPTQResult:
+        if self.nsamples == 0:
+            raise ValueError(f"GPTQ for {name} saw no calibration inputs; give at least one calibration sample")
+        return gptq_quantize(weight, self.H, config, name=name, cancel=cancel, sink=sink, dtype=dtype)
+
+    def free(self) -> None:
+        self.H = torch.empty(0)
+        self.nsamples = 0
+
+
+def _params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero for each row of `w` [out, k] over all its columns: float [out], float [out]."""
+    scale, zero = choose_qparams(w, bits, sym, Granularity.CHANNEL, w.shape[1])
+    return scale[:, 0].float(), zero[:, 0].float()
+
+
+def _inverse_hessian_cholesky(
+    H: torch.Tensor, damp: float, name: str, sink: Sink
+) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp · mean(diag H); on failure the
+    dampening grows ×10 (rank-deficient or ill-conditioned inputs)."""
+    mean_diag = float(torch.mean(torch.diag(H)))
+    if not math.isfinite(mean_diag):
+        raise ValueError(f"the calibration inputs of {name} contain NaN or Inf; check the model weights and calibration text")
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for attempt in range(MAX_DAMP_RETRIES):
+        Hd = H + (damp * mean_diag) * eye
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0 and bool(torch.isfinite(U).all()):
+                return U, damp
+        new = damp * 10.0
+        msg = f"GPTQ {name}: Hessian not positive definite with damp={damp:g}; retrying with damp={new:g}"
+        log.info(msg)
+        sink(Log("warning", msg))
+        damp = new
+    raise ValueError(
+        f"GPTQ {name}: Hessian stays singular even with damp={damp / 10:g}; "
+        "use more or longer calibration samples (--samples/--seq-len)"
+    )
+
+
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    config: GPTQConfig,
+    *,
+    name: str = "weight",
+    cancel: CancelToken | None = None,
+    sink: Sink = null_sink,
+    dtype: torch.dtype = torch.float16,
+) -> GPTQResult:
+    """Quantize W [out, in] against the input Hessian H [in, in] (float32, not modified).
+
+    Returns an IntWeight whose dequantization is the GPTQ solution. With act-order the columns
+    are processed by decreasing diag(H); with static groups the group grids come from the
+    unpermuted weight so groups stay contiguous in the original order (g_idx stays trivial and
+    is omitted); without static groups the i-th processed block of `group_size` columns forms
+    group i and `g_idx` maps each original column to its group.
+    """
+    out_f, n_in = W.shape
+    bits, sym = config.bits, config.sym
+    maxq = 2**bits - 1
+    gs = resolve_group_size(n_in, config.granularity, config.group_size, name)
+    grouped = config.granularity is Granularity.GROUP and gs < n_in
+    W = W.detach().to(torch.float32).clone()
+    H = H.detach().to(torch.float32).clone()
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    tensor_params: tuple[torch.Tensor, torch.Tensor] | None = None
+    if config.granularity is Granularity.TENSOR:
+        s, z = choose_qparams(W, bits, sym, Granularity.TENSOR, n_in)
+        tensor_params = (s.reshape(1).float().expand(out_f), z.reshape(1).float().expand(out_f))
+    elif config.granularity is Granularity.CHANNEL:
+        tensor_params = _params(W, bits, sym)
+
+    n_groups = n_in // gs
+    static: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    if grouped and config.static_groups:
+        static = [_params(W[:, g * gs:(g + 1) * gs], bits, sym) for g in range(n_groups)]
+
+    perm: torch.Tensor | None = None
+    if config.act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+
+    Hinv, damp_used = _inverse_hessian_cholesky(H, config.damp, name, sink)
+    del H
+
+    codes = torch.zeros(out_f, n_in, dtype=torch.uint8)
+    scales = torch.zeros(out_f, n_groups if grouped else 1, dtype=torch.float32)
+    zeros = torch.zeros_like(scales)
+    losses = torch.zeros(out_f, dtype=torch.float32)
+    scale = zero = None
+    if tensor_params is not None:
+        scale, zero = tensor_params
+        if config.granularity is Granularity.TENSOR:
+            scales, zeros = scale[:1].reshape(1, 1).clone(), zero[:1].reshape(1, 1).clone()
+        else:
+            scales[:, 0], zeros[:, 0] = scale, zero
+    perm_list = perm.tolist() if perm is not None else None
+
+    bs = config.block_size
+    for i1 in range(0, n_in, bs):
+        check_cancel(cancel)
+        i2 = min(i1 + bs, n_in)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(count):
+            col = i1 + i
+            if grouped:
+                if static is not None:
+                    orig = perm_list[col] if perm_list is not None else col
+                    scale, zero = static[orig // gs]
+                elif col % gs == 0:
+                    # The group's grid must see the columns as updated so far: the rest of this
+                    # block lives in W1, later blocks in W.
+                    ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
+                    scale, zero = _params(ahead, bits, sym)
+                    scales[:, col // gs], zeros[:, col // gs] = scale, zero
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+            codes[:, col] = q.to(torch.uint8)
+            dq = scale * (q - zero)
+            err = (w - dq) / d
+            losses += (w - dq).square() / (d * d) / 2
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1.0)
+            Err1[:, i] = err
+            Q1[:, i] = dq
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1.0)
+        sink(Progress("gptq", i2, n_in, name))
+
+    g_idx: torch.Tensor | None = None
+    if perm is not None:
+        inv = torch.argsort(perm)
+        codes = codes[:, inv]
+        if grouped and static is None:
+            g_idx = (inv // gs).to(torch.int32)
+    if static is not None:
+        for g, (s, z) in enumerate(static):
+            scales[:, g], zeros[:, g] = s, z
+
+    weight = IntWeight(
+        codes=codes.contiguous(),
+        scale=scales,
+        zero=zeros.round().to(torch.int32),
+        bits=bits,
+        group_size=gs,
+        sym=sym,
+        g_idx=g_idx,
+        dtype=dtype,
+    )
+    return GPTQResult(weight=weight, row_losses=losses, damp=damp_used)
+
+
+@register(GPTQConfig)
+class GPTQQuantizer:
+    needs_calibration = True
+
+    def __init__(self, config: GPTQConfig) -> None:
+        self.config = config
+
+    def quantize_layer(self, ctx: LayerContext) -> dict[str, IntWeight]:
+        if not ctx.inputs or ctx.forward is None:
+            raise ValueError("GPTQ needs calibration inputs; pass --calib builtin or a text file")
+        results: dict[str, IntWeight] = {}
+        metrics = ctx.extra.setdefault("metrics", {})
+        for group in input_groups(ctx):
+            check_cancel(ctx.cancel)
+            t0 = time.perf_counter()
+            first = ctx.linears[group[0]]
+            gptq = GPTQ(first.in_features, device=first.weight.device)
+            capture_group_inputs(ctx, group, gptq.add_batch)
+            if gptq.nsamples == 0:
+                raise ValueError(f"GPTQ {_qualified(ctx, group[0])}: the layer forward never reached this linear")
+            # Per-tensor grids need each matrix alone; otherwise stack the group (same H).
+            parts = [[n] for n in group] if self.config.granularity is Granularity.TENSOR else [group]
+            for part in parts:
+                stacked = torch.cat([ctx.linears[n].weight.detach() for n in part], dim=0)
+                label = _qualified(ctx, "+".join(part))
+                dtype = source_dtype(ctx, ctx.linears[part[0]].weight)
+                res = gptq.quantize(stacked, self.config, name=label, cancel=ctx.cancel, sink=ctx.sink, dtype=dtype)
+                row = 0
+                for n in part:
+                    lin = ctx.linears[n]
+                    q = _slice_rows(res.weight, row, row + lin.out_features)
+                    loss = float(res.row_losses[row:row + lin.out_features].sum())
+                    row += lin.out_features
+                    results[n] = q
+                    # Later groups must see this group's quantized output (true-sequential).
+                    with torch.no_grad():
+                        lin.weight.copy_(q.dequantize().to(lin.weight.dtype))
+                    metrics.setdefault(n, {}).update({"gptq_loss": loss, "damp": res.damp})
+            gptq.free()
+            log.debug("GPTQ %s: %.2fs", _qualified(ctx, "+".join(group)), time.perf_counter() - t0)
+        return results
+
+
+def _qualified(ctx: LayerContext, name: str) -> str:
+    if not ctx.prefix:
+        return name
+    return ctx.prefix + name if ctx.prefix.endswith(".") else f"{ctx.prefix}.{name}"
+
+
+def _slice_rows(w: IntWeight, start: int, stop: int) -> IntWeight:
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return t[start:stop].contiguous() if t.shape[0] > 1 else t.clone()
+
+    return IntWeight(
+        codes=w.codes[start:stop].contiguous(),
+        scale=rows(w.scale),
+        zero=rows(w.zero),
+        bits=w.bits,
+        group_size=w.group_size,
+        sym=w.sym,
+        g_idx=None if w.g_idx is None else w.g_idx.clone(),
+        dtype=w.dtype,
+    )
+
