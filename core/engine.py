@@ -1,0 +1,552 @@
+"""The layer-by-layer quantization loop.
+
+The architecture is instantiated on the meta device (no memory), then each decoder layer in turn
+is materialised on CPU in float32 with its real weights, handed to the method, measured, written
+through the exporter as its own shard and freed, so that only one layer is resident. Calibrated
+methods get the hidden states entering the layer and a `forward` closure; the layer's output
+computed with the *quantized* weights becomes the next layer's input.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+import threading
+import time
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.config import Granularity, QuantJob
+from core.events import (
+    CancelToken,
+    Finished,
+    LayerDone,
+    Log,
+    MemorySample,
+    Progress,
+    Sink,
+    StageStarted,
+    ThrottledSink,
+    check_cancel,
+    null_sink,
+)
+from core.export import default_export, exporters_accepting, get_exporter
+from core.methods.base import LayerContext, get_quantizer
+from core.metrics import weight_error
+from core.model_io import ModelSource, open_model
+from core.output import OutputWriter, json_safe, output_config, package_versions
+from core.qtensors import QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+GIB = 2**30
+
+# True-sequential order inside a decoder layer: attention inputs, attention output, MLP inputs,
+# MLP output. Linears with other names follow in module order.
+_SEQUENTIAL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# Tensors written after the decoder layers (the rest of the non-layer tensors go first).
+_HEAD_PREFIXES = ("lm_head.", "model.norm.")
+
+# Rows per chunk when measuring weight error, so float64 temporaries stay small on big layers.
+_METRIC_ROWS = 2048
+
+# Calibration tokens per forward batch.
+_CALIB_TOKENS_PER_BATCH = 4096
+
+
+@dataclass
+class QuantResult:
+    output: Path
+    method: str
+    export: str
+    layers: list[dict[str, Any]]
+    seconds: float
+    peak_rss_gib: float
+    settings: dict[str, Any] = field(default_factory=dict)
+    model: Path | None = None
+    source_gib: float = 0.0
+    output_gib: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """The `quantize --json` document (DESIGN §3); non-finite numbers become null."""
+        return json_safe({
+            "output": str(self.output),
+            "model": str(self.model) if self.model else None,
+            "method": self.method,
+            "export": self.export,
+            "settings": self.settings,
+            "layers": self.layers,
+            "seconds": self.seconds,
+            "peak_rss_gib": self.peak_rss_gib,
+            "source_gib": self.source_gib,
+            "output_gib": self.output_gib,
+        })
+
+
+class _RssMonitor:
+    """Samples this process's resident memory in a background thread to find the peak, which
+    per-layer samples alone would miss (the peak is inside the quantizer)."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self._proc = psutil.Process()
+        self._interval = interval
+        self._stop = threading.Event()
+        self.peak = self.rss()
+        self._thread = threading.Thread(target=self._run, name="quantscope-rss", daemon=True)
+
+    def rss(self) -> int:
+        return self._proc.memory_info().rss
+
+    def sample(self) -> int:
+        value = self.rss()
+        self.peak = max(self.peak, value)
+        return value
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.sample()
+
+    def __enter__(self) -> _RssMonitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+def settings_dict(method_config: Any) -> dict[str, Any]:
+    d = asdict(method_config) if is_dataclass(method_config) else dict(vars(method_config))
+    return {k: (v.value if isinstance(v, Granularity) else v) for k, v in d.items()}
+
+
+def is_skipped(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
+    """A module is skipped when a pattern is a substring of its full name, or matches it as a
+    glob (`*.down_proj`)."""
+    return any(p in name or fnmatch.fnmatchcase(name, p) for p in patterns if p)
+
+
+def _load_quantizer(method_config: Any) -> Any:
+    try:
+        return get_quantizer(method_config)
+    except ModuleNotFoundError as exc:
+        raise ValueError(
+            f"method {method_config.method!r} is not available in this build (module {exc.name} is missing); "
+            "choose another --method"
+        ) from None
+
+
+def _load_exporter(name: str, method_config: Any) -> Any:
+    try:
+        exporter = get_exporter(name)
+    except ModuleNotFoundError as exc:
+        raise ValueError(f"export format {name!r} is not available in this build (module {exc.name} is missing); "
+                         "choose another --export") from None
+    reason = exporter.accepts(method_config)
+    if reason:
+        others = [n for n in exporters_accepting(method_config) if n != name]
+        raise ValueError(
+            f"export format {name!r} cannot store method {method_config.method!r}: {reason}; "
+            f"use --export {' or '.join(others)}" if others else
+            f"export format {name!r} cannot store method {method_config.method!r}: {reason}; "
+            "no format in this build can, choose other settings"
+        )
+    return exporter
+
+
+def _ordered_linears(layer: nn.Module) -> list[tuple[str, nn.Linear]]:
+    found = [(n, m) for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+    rank = {s: i for i, s in enumerate(_SEQUENTIAL)}
+    return sorted(found, key=lambda nm: rank.get(nm[0].rsplit(".", 1)[-1], len(rank)))
+
+
+def _chunked_weight_error(w: torch.Tensor, w_hat: torch.Tensor) -> dict[str, float]:
+    """`core.metrics.weight_error` computed over row chunks so a 58M-element weight does not
+    need several full float64 copies. Same definitions (mse, rel_error, sqnr_db)."""
+    if w.shape[0] <= _METRIC_ROWS:
+        return weight_error(w, w_hat)
+    noise = signal = 0.0
+    for r in range(0, w.shape[0], _METRIC_ROWS):
+        a = w[r:r + _METRIC_ROWS].to(torch.float64)
+        d = a - w_hat[r:r + _METRIC_ROWS].to(torch.float64)
+        noise += float(d.square().sum())
+        signal += float(a.square().sum())
+    mse = noise / max(w.numel(), 1)
+    rel = math.sqrt(noise / signal) if signal > 0 else (0.0 if noise == 0 else math.inf)
+    sqnr = math.inf if noise == 0 else (10.0 * math.log10(signal / noise) if signal > 0 else -math.inf)
+    return {"mse": mse, "rel_error": rel, "sqnr_db": sqnr}
+
+
+def _check_finite(name: str, t: torch.Tensor, src: ModelSource) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        n_bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(
+            f"tensor {name} in {src.tensors[name].file} contains {n_bad} NaN/Inf value(s); "
+            "the checkpoint is damaged, re-download or repair it before quantizing"
+        )
+
+
+def _validate_groups(src: ModelSource, method_config: Any, skip: tuple[str, ...]) -> None:
+    """Refuse (rather than pad) a group size that does not divide some linear's in_features,
+    before any work is done."""
+    from core.primitives import resolve_group_size
+
+    granularity = getattr(method_config, "granularity", None)
+    group_size = getattr(method_config, "group_size", None)
+    if granularity is None or group_size is None or Granularity(granularity) is not Granularity.GROUP:
+        return
+    for name, info in src.tensors.items():
+        if not (name.startswith("model.layers.") and name.endswith("_proj.weight") and len(info.shape) == 2):
+            continue
+        module = name[: -len(".weight")]
+        if is_skipped(module, skip):
+            continue
+        try:
+            resolve_group_size(info.shape[1], granularity, group_size, module)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (Quantscope refuses rather than pads)") from None
+
+
+class _Calibration:
+    """Hidden states entering the current layer, plus what a layer forward needs."""
+
+    def __init__(self, hidden: list[torch.Tensor], rotary: nn.Module, seq_len: int) -> None:
+        self.hidden = hidden
+        positions = torch.arange(seq_len)[None]
+        with torch.no_grad():
+            cos, sin = rotary(hidden[0][:1], positions)
+        self.position_ids = positions
+        self.position_embeddings = (cos.float(), sin.float())
+        # Additive causal mask: explicit, so no attention backend's default matters.
+        mask = torch.full((seq_len, seq_len), torch.finfo(torch.float32).min).triu(1)
+        self.mask = mask[None, None]
+
+    def forward_fn(self, layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        def forward(hidden: torch.Tensor) -> torch.Tensor:
+            s = hidden.shape[1]
+            cos, sin = self.position_embeddings
+            with torch.no_grad():
+                out = layer(
+                    hidden,
+                    attention_mask=self.mask[:, :, :s, :s],
+                    position_ids=self.position_ids[:, :s],
+                    position_embeddings=(cos[:, :s], sin[:, :s]),
+                )
+            return out[0] if isinstance(out, tuple) else out
+
+        return forward
+
+
+def _build_calibration(job: QuantJob, src: ModelSource, model: nn.Module, hf_config: Any,
+                       sink: Sink) -> _Calibration:
+    from transformers import AutoTokenizer
+
+    from core.calibration import calibration_batches
+
+    sink(StageStarted("calibrate", message=f"calibration text: {job.calib.source}"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(src.path), trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"no usable tokenizer in {src.path} ({exc}); calibrated methods need the model's "
+                         "tokenizer files beside config.json") from None
+    ids = calibration_batches(tokenizer, job.calib)
+    if ids.dim() != 2 or ids.numel() == 0:
+        raise ValueError(f"calibration produced no tokens from {job.calib.source}; use a longer text")
+    embed_name = "model.embed_tokens.weight"
+    emb = src.load_tensors([embed_name])[embed_name]
+    _check_finite(embed_name, emb, src)
+    emb = emb.float()
+    per_batch = max(1, _CALIB_TOKENS_PER_BATCH // ids.shape[1])
+    with torch.no_grad():
+        hidden = [F.embedding(chunk, emb) for chunk in ids.split(per_batch)]
+    del emb
+    rotary = type(model.model.rotary_emb)(config=hf_config)
+    sink(Log("info", f"calibration: {ids.shape[0]} samples x {ids.shape[1]} tokens"))
+    return _Calibration(hidden, rotary.eval(), ids.shape[1])
+
+
+def _meta_model(src: ModelSource) -> tuple[nn.Module, Any]:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_config = AutoConfig.from_pretrained(str(src.path), trust_remote_code=False)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, attn_implementation="sdpa",
+                                                 trust_remote_code=False)
+    return model, hf_config
+
+
+def _materialise(layer: nn.Module, prefix: str, tensors: dict[str, torch.Tensor], src: ModelSource) -> None:
+    """Give a meta decoder layer its real weights, float32 on CPU, one tensor converted at a time."""
+    expected = set(layer.state_dict().keys())
+    state: dict[str, torch.Tensor] = {}
+    for name in list(tensors):
+        rel = name[len(prefix):]
+        if rel in expected:
+            state[rel] = tensors.pop(name).float()
+    missing = sorted(expected - set(state))
+    if missing:
+        raise ValueError(f"tensor {prefix}{missing[0]} is missing from {src.path}; the checkpoint is incomplete, "
+                         "download all of its files")
+    layer.load_state_dict(state, strict=True, assign=True)
+    left = [n for n, t in list(layer.named_parameters()) + list(layer.named_buffers()) if t.is_meta]
+    if left:
+        raise ValueError(f"tensor {prefix}{left[0]} has no data in {src.path}")
+
+
+class _OutputErrorProbe:
+    """While propagating calibration batches through a layer whose linears now hold dequantized
+    weights, accumulate ‖X·Wᵀ − f(X)·Ŵᵀ‖² and ‖X·Wᵀ‖² per linear (f = activation fake-quant)."""
+
+    def __init__(self, linears: dict[str, nn.Linear], quantized: dict[str, QuantizedWeight]) -> None:
+        self.noise = {n: 0.0 for n in quantized}
+        self.signal = {n: 0.0 for n in quantized}
+        self._saved: list[tuple[nn.Linear, torch.Tensor]] = []
+        for name, q in quantized.items():
+            lin = linears[name]
+            w_float = lin.weight.data
+            self._saved.append((lin, w_float))
+            w_hat = q.dequantize().to(torch.float32).reshape(w_float.shape)
+            lin.weight.data = w_hat
+            lin.forward = self._make_forward(name, lin, w_float, w_hat, getattr(q, "act", None))
+
+    def _make_forward(self, name: str, lin: nn.Linear, w: torch.Tensor, w_hat: torch.Tensor,
+                      act: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            ref = F.linear(x, w, lin.bias)
+            xq = act.fake_quant(x) if act is not None else x
+            out = F.linear(xq, w_hat, lin.bias)
+            self.noise[name] += float((ref - out).double().square().sum())
+            self.signal[name] += float(ref.double().square().sum())
+            return out
+
+        return forward
+
+    def restore(self) -> None:
+        """Put the float weights back and remove the wrappers."""
+        for lin, w_float in self._saved:
+            lin.weight.data = w_float
+            lin.__dict__.pop("forward", None)
+
+    def rel_errors(self) -> dict[str, float]:
+        return {n: (math.sqrt(self.noise[n] / self.signal[n]) if self.signal[n] > 0 else 0.0) for n in self.noise}
+
+
+def run_quantization(job: QuantJob, *, sink: Sink = null_sink, cancel: CancelToken | None = None) -> QuantResult:
+    """Quantize `job.model` into `job.out` layer by layer (see module docstring). Emits events to
+    `sink` on this thread; `cancel` is checked between linears and layers. On cancellation or
+    any error the partial output is removed and the exception propagates."""
+    t_start = time.perf_counter()
+    emit = ThrottledSink(sink)
+    src = open_model(job.model)
+    src.require_weights()
+    quantizer = _load_quantizer(job.method)
+    export_name = job.export or default_export(job.method)
+    exporter = _load_exporter(export_name, job.method)
+    _validate_groups(src, job.method, job.skip)
+    if src.num_layers <= 0 or not src.layer_tensor_names(0):
+        raise ValueError(f"{src.path}: no decoder layer tensors (model.layers.N.*) found; is this a causal LM folder?")
+    head = [n for n in src.non_layer_tensor_names() if n.startswith(_HEAD_PREFIXES)]
+    stem = [n for n in src.non_layer_tensor_names() if n not in head]
+    groups = ([stem] if stem else []) + [[]] * src.num_layers + ([head] if head else [])
+    first_layer_shard = 1 if stem else 0
+    writer = OutputWriter(job.out, num_shards=len(groups), overwrite=job.overwrite, resume=job.resume)
+    writer.check_target()
+
+    model, hf_config = _meta_model(src)
+    layers = model.model.layers
+    calibrated = bool(getattr(quantizer, "needs_calibration", False))
+    n_linears = sum(
+        1 for i in range(src.num_layers) for rel, _ in _ordered_linears(layers[i])
+        if not is_skipped(f"{src.layer_prefix(i)}{rel}", job.skip)
+    )
+    records: list[dict[str, Any]] = []
+    quantized_names: list[str] = []
+    ignored_names: list[str] = ["lm_head"]
+    done = 0
+    settings = settings_dict(job.method)
+
+    with _RssMonitor() as rss, writer:
+        emit(Log("info", f"{src.architecture}, {src.num_layers} layers, {src.total_bytes / GIB:.2f} GiB "
+                         f"{src.source_dtype}; method {job.method.method}, export {export_name}"))
+        writer.set_journal_info(model=str(src.path), method=job.method.method, settings=settings, export=export_name)
+        if stem:
+            _copy_tensors(writer, 0, stem, src)
+        calib = _build_calibration(job, src, model, hf_config, emit) if calibrated else None
+        finished = writer.finished_layers() if (job.resume and not calibrated) else {}
+
+        emit(StageStarted("quantize", total=n_linears, message=f"{src.num_layers} decoder layers"))
+        emit(Progress("quantize", 0, n_linears))
+        for i in range(src.num_layers):
+            check_cancel(cancel)
+            prefix = src.layer_prefix(i)
+            if i in finished:
+                ignored_names.extend(f"{prefix}{rel}" for rel, _ in _ordered_linears(layers[i])
+                                     if is_skipped(f"{prefix}{rel}", job.skip))
+                for rec in finished[i]["metrics"]:
+                    done += 1
+                    records.append(rec)
+                    quantized_names.append(rec["name"])
+                    emit(LayerDone(rec["name"], done - 1, n_linears, _event_metrics(rec), rec["seconds"]))
+                    emit(Progress("quantize", done, n_linears, rec["name"]))
+                emit(Log("info", f"layer {i + 1}/{src.num_layers}: reused from the interrupted run"))
+                continue
+            layer_records, shard = _quantize_layer(
+                i, prefix, src, layers[i], quantizer, exporter, job, calib, emit, cancel, done, n_linears,
+                ignored_names, writer, first_layer_shard + i,
+            )
+            done += len(layer_records)
+            records.extend(layer_records)
+            quantized_names.extend(r["name"] for r in layer_records)
+            writer.record_layer(i, layer_records, shard)
+            layers[i].to("meta")  # free this layer's weights
+            emit(MemorySample(rss.sample() / GIB))
+            emit(Log("info", f"layer {i + 1}/{src.num_layers} done"))
+        check_cancel(cancel)
+        if head:
+            emit(StageStarted("write", message="final norm and lm_head"))
+            _copy_tensors(writer, len(groups) - 1, head, src)
+        qconfig = exporter.quantization_config(job.method, quantized_names, ignored_names)
+        config = output_config(src.config, qconfig, src.source_dtype)
+        seconds = time.perf_counter() - t_start
+        report = {
+            "quantscope_version": package_versions().get("quantscope"),
+            "model": str(src.path),
+            "architecture": src.architecture,
+            "method": job.method.method,
+            "settings": settings,
+            "export": export_name,
+            "skip": list(job.skip),
+            "calibration": asdict(job.calib) if (calibrated and job.calib) else None,
+            "layers": records,
+            "seconds": seconds,
+            "peak_rss_gib": rss.peak / GIB,
+            "source_gib": src.total_bytes / GIB,
+            "packages": package_versions(),
+        }
+        check_cancel(cancel)
+        out = writer.finish(config=config, report=report, source=src.path)
+    output_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    result = QuantResult(
+        output=out, method=job.method.method, export=export_name, layers=records, seconds=time.perf_counter() - t_start,
+        peak_rss_gib=rss.peak / GIB, settings=settings, model=src.path, source_gib=src.total_bytes / GIB,
+        output_gib=output_bytes / GIB,
+    )
+    emit(Finished(result))
+    return result
+
+
+def _event_metrics(rec: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in rec.items() if k in ("mse", "rel_error", "sqnr_db", "output_rel_error")}
+
+
+def _copy_tensors(writer: OutputWriter, shard: int, names: list[str], src: ModelSource) -> None:
+    """Unquantized tensors outside the decoder layers, written in their source dtype."""
+    tensors = src.load_tensors(names)
+    for n, t in tensors.items():
+        _check_finite(n, t, src)
+    writer.write_shard(shard, tensors)
+
+
+def _quantize_layer(
+    i: int, prefix: str, src: ModelSource, layer: nn.Module, quantizer: Any, exporter: Any, job: QuantJob,
+    calib: _Calibration | None, emit: Sink, cancel: CancelToken | None, done: int, total: int,
+    ignored: list[str], writer: OutputWriter, shard: int,
+) -> tuple[list[dict[str, Any]], str]:
+    names = src.layer_tensor_names(i)
+    tensors = src.load_tensors(names)
+    for n, t in tensors.items():
+        _check_finite(n, t, src)
+    stored_dtype = {n[len(prefix):]: src.tensors[n].torch_dtype for n in names}
+    _materialise(layer, prefix, tensors, src)
+    del tensors
+
+    all_linears = _ordered_linears(layer)
+    linears = {rel: m for rel, m in all_linears if not is_skipped(f"{prefix}{rel}", job.skip)}
+    ignored.extend(f"{prefix}{rel}" for rel, _ in all_linears if rel not in linears)
+    ctx_prefix = prefix.rstrip(".")
+    weight_dtype = stored_dtype.get(f"{next(iter(linears))}.weight", src.source_dtype) if linears else src.source_dtype
+
+    def context(subset: dict[str, nn.Linear]) -> LayerContext:
+        return LayerContext(
+            index=i, num_layers=src.num_layers, prefix=ctx_prefix, module=layer, linears=subset,
+            inputs=calib.hidden if calib else None, forward=calib.forward_fn(layer) if calib else None,
+            cancel=cancel, sink=emit, extra={"source_dtype": weight_dtype},
+        )
+
+    quantized: dict[str, QuantizedWeight] = {}
+    seconds: dict[str, float] = {}
+    if calib is None:
+        # One call per linear: exact per-linear timing and a cancellation point between them.
+        for rel, lin in linears.items():
+            check_cancel(cancel)
+            t0 = time.perf_counter()
+            quantized[rel] = _expect(quantizer.quantize_layer(context({rel: lin})), rel, prefix)
+            seconds[rel] = time.perf_counter() - t0
+    else:
+        # Calibrated methods see the whole layer at once (true-sequential inside the method);
+        # the time is shared among linears by size.
+        t0 = time.perf_counter()
+        result = quantizer.quantize_layer(context(dict(linears)))
+        elapsed = time.perf_counter() - t0
+        quantized = {rel: _expect(result, rel, prefix) for rel in linears}
+        numel = sum(lin.weight.numel() for lin in linears.values()) or 1
+        seconds = {rel: elapsed * lin.weight.numel() / numel for rel, lin in linears.items()}
+
+    out_errors: dict[str, float] = {}
+    if calib is not None:
+        # Propagate with the quantized weights; measure each linear's output error on the way.
+        check_cancel(cancel)
+        forward = calib.forward_fn(layer)
+        probe = _OutputErrorProbe(linears, quantized)
+        try:
+            calib.hidden = [forward(h) for h in calib.hidden]
+        finally:
+            probe.restore()
+        out_errors = probe.rel_errors()
+
+    records: list[dict[str, Any]] = []
+    shard_tensors: dict[str, torch.Tensor] = {}
+    for rel, lin in linears.items():
+        check_cancel(cancel)
+        full = f"{prefix}{rel}"
+        q = quantized[rel]
+        w_hat = q.dequantize().reshape(lin.weight.shape)
+        metrics = _chunked_weight_error(lin.weight.detach(), w_hat)
+        del w_hat
+        if rel in out_errors:
+            metrics["output_rel_error"] = out_errors[rel]
+        for k, v in metrics.items():
+            if isinstance(v, float) and math.isnan(v):
+                raise ValueError(f"quantizing {full} produced NaN error metrics; the weight may be degenerate")
+        rec = {"name": full, "layer": i, "index": done + len(records), "shape": list(lin.weight.shape),
+               **metrics, "seconds": seconds[rel]}
+        records.append(rec)
+        emit(LayerDone(full, done + len(records) - 1, total, dict(metrics), seconds[rel]))
+        emit(Progress("quantize", done + len(records), total, full))
+        for k, v in exporter.tensors(full, q).items():
+            shard_tensors[k] = v
+        quantized[rel] = None  # type: ignore[assignment]  # free as we go
+
+    # Everything else in the layer (norms, biases, skipped linears) in its stored dtype, taken from
+    # the module so that scales folded in place by a method are kept.
+    quantized_weights = {f"{rel}.weight" for rel in linears}
+    for rel, t in layer.state_dict().items():
+        if rel in quantized_weights or f"{prefix}{rel}" in shard_tensors:
+            continue
+        shard_tensors[f"{prefix}{rel}"] = t.to(stored_dtype.get(rel, src.source_dtype))
+    return records, writer.write_shard(shard, shard_tensors)
+
+
+def _expect(result: dict[str, QuantizedWeight], rel: str, prefix: str) -> QuantizedWeight:
+    q = result.get(rel) if isinstance(result, dict) else None
+    if q is None:
+        raise RuntimeError(f"the quantizer returned no weight for {prefix}{rel}")
+    return q
