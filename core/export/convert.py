@@ -1,0 +1,247 @@
+"""Write quantized weights into an export layout, re-layout a quantized folder into another
+format, and read any quantized folder back as Quantscope weights or dequantized tensors.
+
+The engine writes its own outputs while it quantizes; these functions serve `quantscope export`
+(an existing quantized folder → another layout, or any folder → dequantized tensors for GGUF) and
+the tests. Everything goes through the engine's atomic `OutputWriter`, one shard per decoder
+layer, so at most one layer's tensors are resident.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from core.config import (
+    FourBitConfig,
+    FP8Config,
+    GPTQConfig,
+    Granularity,
+    LLMInt8Config,
+    RTNConfig,
+    SmoothQuantConfig,
+)
+from core.events import CancelToken, Progress, Sink, StageStarted, check_cancel, null_sink
+from core.export.base import Exporter, detect_exporter, exporters_accepting, get_exporter
+from core.model_io import ModelSource, open_model
+from core.output import OutputWriter, output_config, package_versions
+from core.qtensors import FourBitWeight, Fp8Weight, Int8RowWeight, IntWeight, QuantizedWeight
+
+
+def method_config_for(q: QuantizedWeight) -> Any:
+    """The method settings that describe an already-quantized weight: what an exporter needs to
+    judge (`accepts`) and describe (`quantization_config`) a layout it did not produce."""
+    if isinstance(q, IntWeight):
+        if q.act is not None:
+            return SmoothQuantConfig(act_scheme=q.act.scheme)
+        if q.scale.numel() == 1:
+            gran, gs = Granularity.TENSOR, 128
+        elif q.scale.shape[1] == 1:
+            gran, gs = Granularity.CHANNEL, 128
+        else:
+            gran, gs = Granularity.GROUP, q.group_size
+        natural = torch.arange(q.shape[1]) // q.group_size
+        if q.g_idx is not None and not torch.equal(q.g_idx.long(), natural):
+            return GPTQConfig(bits=q.bits, group_size=gs, sym=q.sym, granularity=gran, act_order=True,
+                              static_groups=False)
+        return RTNConfig(bits=q.bits, group_size=gs, sym=q.sym, granularity=gran)
+    if isinstance(q, Fp8Weight):
+        gran = Granularity.TENSOR if q.scale.numel() == 1 else Granularity.CHANNEL
+        return FP8Config(fmt=q.fmt, granularity=gran)
+    if isinstance(q, FourBitWeight):
+        return FourBitConfig(quant_type=q.quant_type, blocksize=q.blocksize, double_quant=q.double_quant)
+    if isinstance(q, Int8RowWeight):
+        return LLMInt8Config(threshold=q.threshold)
+    raise ValueError(f"unknown quantized weight type {type(q).__name__}")
+
+
+def refuse_unless_accepted(exporter: Exporter, method_config: Any) -> None:
+    """Fail before any work when `exporter` cannot represent the method, naming the formats
+    that can."""
+    reason = exporter.accepts(method_config)
+    if reason is None:
+        return
+    can = exporters_accepting(method_config)
+    alternatives = f"formats that can: {', '.join(can)}" if can else "no export format can store it"
+    raise ValueError(f"cannot export {method_config.method} to {exporter.name}: {reason} ({alternatives})")
+
+
+def _module_of(tensor_name: str) -> str:
+    return tensor_name.rsplit(".", 1)[0]
+
+
+def _layer_groups(src: ModelSource) -> Iterator[tuple[str, list[str]]]:
+    """(label, tensor names) per decoder layer, then everything outside the layers."""
+    for i in range(src.num_layers):
+        names = src.layer_tensor_names(i)
+        if names:
+            yield f"layer {i}", names
+    rest = src.non_layer_tensor_names()
+    if rest:
+        yield "embeddings/head", rest
+
+
+def read_quantized_group(
+    src: ModelSource, names: list[str], exporter: Exporter | None
+) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor]]:
+    """Split a group of stored tensors into quantized linears (rebuilt by `exporter`) and the
+    plain tensors left (norms, biases, embeddings)."""
+    loaded = src.load_tensors(names)
+    if exporter is None or src.quantization_config is None:
+        return {}, loaded
+    qc = src.quantization_config
+    weights: dict[str, QuantizedWeight] = {}
+    for module in dict.fromkeys(_module_of(n) for n in names):
+        q = exporter.read_weight(module, loaded.get, qc)
+        if q is not None:
+            weights[module] = q
+    plain = {n: t for n, t in loaded.items()
+             if _module_of(n) not in weights or n.endswith(".bias")}
+    return weights, plain
+
+
+def iter_dequantized(
+    model_dir: str | Path, *, cancel: CancelToken | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of a model folder as a float tensor, quantized linears dequantized to
+    `<module>.weight` [out, in]; one decoder layer resident at a time."""
+    src = open_model(model_dir)
+    src.require_weights()
+    exporter = detect_exporter(src.quantization_config) if src.quantization_config else None
+    for _, names in _layer_groups(src):
+        check_cancel(cancel)
+        weights, plain = read_quantized_group(src, names, exporter)
+        for module, q in weights.items():
+            yield f"{module}.weight", q.dequantize().float()
+        yield from plain.items()
+
+
+def write_quantized(
+    source_dir: str | Path,
+    out: str | Path,
+    export_format: str,
+    quantize: Callable[[str, torch.Tensor], QuantizedWeight | None],
+    *,
+    method_config: Any | None = None,
+    overwrite: bool = False,
+    sink: Sink = null_sink,
+    cancel: CancelToken | None = None,
+) -> Path:
+    """Write the float folder `source_dir` in layout `export_format`: each 2-D weight for which
+    `quantize(module_name, weight)` returns a quantized weight is stored in that layout, the rest
+    is copied. `method_config` (checked with `accepts` before any work) defaults to one derived
+    from the first quantized weight."""
+    src = open_model(source_dir)
+    src.require_weights()
+    exporter = get_exporter(export_format)
+    if method_config is not None:
+        refuse_unless_accepted(exporter, method_config)
+    groups = list(_layer_groups(src))
+    quantized: list[str] = []
+    ignored: list[str] = []
+    dtype = src.source_dtype
+    sink(StageStarted("export", total=len(groups), message=f"writing {export_format}"))
+    with OutputWriter(out, num_shards=len(groups), overwrite=overwrite) as writer:
+        for index, (label, names) in enumerate(groups):
+            check_cancel(cancel)
+            tensors: dict[str, torch.Tensor] = {}
+            for name, t in src.load_tensors(names).items():
+                module = _module_of(name)
+                q = quantize(module, t) if name.endswith(".weight") and t.dim() == 2 else None
+                if q is None:
+                    if name.endswith(".weight") and t.dim() == 2 and not name.endswith("embed_tokens.weight"):
+                        ignored.append(module)
+                    tensors[name] = t
+                    continue
+                if method_config is None:
+                    method_config = method_config_for(q)
+                    refuse_unless_accepted(exporter, method_config)
+                if getattr(q, "dtype", None) is not None:
+                    dtype = q.dtype
+                tensors.update(exporter.tensors(module, q))
+                quantized.append(module)
+            writer.write_shard(index, tensors)
+            sink(Progress("export", index + 1, len(groups), label))
+        if method_config is None:
+            raise ValueError(f"no linear weight of {source_dir} was quantized; nothing to export as {export_format}")
+        qc = exporter.quantization_config(method_config, quantized, sorted(set(ignored)))
+        config = output_config(src.config, qc, dtype)
+        report = {"export": export_format, "source": str(src.path), "quantized": len(quantized),
+                  "versions": package_versions()}
+        return writer.finish(config=config, report=report, source=src.path)
+
+
+def relayout(
+    model_dir: str | Path,
+    out: str | Path,
+    export_format: str,
+    *,
+    overwrite: bool = False,
+    sink: Sink = null_sink,
+    cancel: CancelToken | None = None,
+) -> Path:
+    """Rewrite a quantized folder (any layout Quantscope reads) in layout `export_format`, with
+    the same codes, scales and zero points: no re-quantization, so the function is unchanged."""
+    src = open_model(model_dir)
+    src.require_weights()
+    if src.quantization_config is None:
+        raise ValueError(f"{src.path} is not quantized; quantize it first (quantscope quantize --model "
+                         f"{src.path} --method rtn --export {export_format} --out DIR) or export it as gguf")
+    reader = detect_exporter(src.quantization_config)
+    exporter = get_exporter(export_format)
+    groups = list(_layer_groups(src))
+    quantized: list[str] = []
+    ignored = [n for n in (src.quantization_config.get("ignore") or []) if not n.startswith("re:")]
+    method_config = None
+    dtype = src.source_dtype
+    sink(StageStarted("export", total=len(groups), message=f"re-writing as {export_format}"))
+    with OutputWriter(out, num_shards=len(groups), overwrite=overwrite) as writer:
+        for index, (label, names) in enumerate(groups):
+            check_cancel(cancel)
+            weights, tensors = read_quantized_group(src, names, reader)
+            for module, q in weights.items():
+                if method_config is None:
+                    method_config = method_config_for(q)
+                    refuse_unless_accepted(exporter, method_config)
+                dtype = q.dtype
+                tensors.update(exporter.tensors(module, q))
+                quantized.append(module)
+            writer.write_shard(index, tensors)
+            sink(Progress("export", index + 1, len(groups), label))
+        if method_config is None:
+            raise ValueError(f"{src.path} has a quantization_config but no quantized weights were found")
+        qc = exporter.quantization_config(method_config, quantized, ignored)
+        config = output_config(src.config, qc, dtype)
+        report = {"export": export_format, "source": str(src.path), "quantized": len(quantized),
+                  "versions": package_versions()}
+        return writer.finish(config=config, report=report, source=src.path)
+
+
+def rtn_quantizer(method_config: RTNConfig, skip: tuple[str, ...] = ("lm_head", "embed_tokens")
+                  ) -> Callable[[str, torch.Tensor], QuantizedWeight | None]:
+    """A `quantize` callback for `write_quantized`: round-to-nearest on every decoder linear."""
+    from core.primitives import quantize_to_intweight
+
+    def quantize(module: str, weight: torch.Tensor) -> QuantizedWeight | None:
+        if ".layers." not in module or any(s in module for s in skip):
+            return None
+        return quantize_to_intweight(weight.float(), method_config.bits, method_config.sym,
+                                     method_config.granularity, method_config.group_size,
+                                     method_config.clip_search, dtype=weight.dtype, name=module)
+
+    return quantize
+
+
+def read_weights(model_dir: str | Path) -> dict[str, QuantizedWeight]:
+    """All quantized linears of a folder as Quantscope weights (small models and tests)."""
+    src = open_model(model_dir)
+    src.require_weights()
+    if src.quantization_config is None:
+        return {}
+    exporter = detect_exporter(src.quantization_config)
+    out: dict[str, QuantizedWeight] = {}
+    for _, names in _layer_groups(src):
+        weights, _ = read_quantized_group(src, names, exporter)
+        out.update(weights)
+    return out
