@@ -294,3 +294,43 @@ def gguf_tensor_type(fmt: Format, category: str, layer: int, n_layers: int, row:
     if GGUF_TYPES[t][0] > 1 and row % GGUF_TYPES[t][0]:
         t = "F16"
     return t
+
+
+def format_from_quantization_config(qc: dict | None) -> str | None:
+    """Registry name of a checkpoint's `quantization_config` (compressed-tensors, GPTQ, AWQ,
+    bitsandbytes, FP8), or None when it matches no registry format."""
+    if not qc:
+        return None
+    method = str(qc.get("quant_method", "")).lower()
+    if method == "bitsandbytes":
+        if qc.get("load_in_8bit"):
+            return "int8"
+        if str(qc.get("bnb_4bit_quant_type", "nf4")).lower() == "nf4":
+            return "nf4_dq" if qc.get("bnb_4bit_use_double_quant") else "nf4"
+        return None
+    if method == "fp8":
+        return "fp8"
+    if method in ("gptq", "awq"):
+        bits, group = qc.get("bits"), qc.get("group_size")
+        sym = bool(qc.get("sym", method == "gptq")) and method != "awq"
+        return _int_format(bits, group, sym)
+    if method == "compressed-tensors":
+        for group in (qc.get("config_groups") or {}).values():
+            w = (group or {}).get("weights") or {}
+            if w.get("type") == "float" and w.get("num_bits") == 8:
+                return "fp8"
+            if w.get("type") == "float" and w.get("num_bits") == 4:
+                return "nvfp4" if w.get("group_size") == 16 else "mxfp4"
+            if w.get("type") == "int":
+                if w.get("num_bits") == 8 and w.get("strategy") == "channel":
+                    return "int8"
+                return _int_format(w.get("num_bits"), w.get("group_size"), bool(w.get("symmetric", True)))
+    return None
+
+
+def _int_format(bits: object, group: object, sym: bool) -> str | None:
+    if group != 128 or bits not in (3, 4):
+        return None
+    if bits == 4:
+        return "int4_g128" if sym else "int4_g128_asym"
+    return "int3_g128" if sym else None

@@ -1,0 +1,586 @@
+"""VRAM planning: per-format memory estimates, the GPU/CPU offload split, a decode-speed estimate
+and the memory a quantization job needs — all without loading weights.
+
+Every estimate is the sum of parts, and every part carries the formula shown to the user:
+    weights      quantized linears at the format's bits per weight (scales, zeros, metadata
+                 included); embeddings, lm_head and norms in 16-bit (GGUF: llama.cpp's own mix)
+    KV cache     2 · kv_heads · head_dim · tokens · batch · bytes per attention layer, tokens capped
+                 at the window on sliding-window layers; MLA caches (kv_lora_rank + rope_dim) per token
+    activations  the live tensors of one decoder layer for a prefill chunk, plus fp32 logits
+    overhead     CUDA context and the engine's own reservations, per card
+Decode speed is the memory-bound estimate tokens/s = 1 / (bytes_on_gpu / gpu_bw + bytes_off_gpu / bw).
+Sizes are GiB (2^30 bytes); bandwidths decimal GB/s.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core import catalog
+from core.catalog import GPUSpec
+from core.formats import DEFAULT_PLAN_FORMATS, Format, Kind, Support, get_format, gguf_tensor_type, gguf_type_bpw, support
+from core.param_count import ModelSpec, TensorSpec, classify, describe, from_config, text_config
+
+log = logging.getLogger(__name__)
+
+GIB = 2**30
+ENGINES = ("transformers", "vllm", "llama.cpp")
+KV_DTYPES = ("fp16", "bf16", "fp8", "int8")
+DEFAULT_CPU_BANDWIDTH_GB_S = 50.0  # dual-channel DDR5 desktop; servers reach 200-400
+DEFAULT_PCIE_BANDWIDTH_GB_S = 25.0  # PCIe 4.0 x16, effective
+
+
+@dataclass(frozen=True)
+class EngineProfile:
+    name: str
+    cuda_context_gib: float  # per card: CUDA context, cuBLAS workspace, engine buffers
+    extra_gib: float  # per card: CUDA graphs (vLLM), ...
+    extra_label: str
+    fragmentation: float  # share of (KV + activations) lost to the caching allocator
+    prefill_chunk: int | None  # tokens processed per prefill step (None: the whole prompt)
+    embeddings_on_gpu: bool
+    gpu_layers_first: bool  # offload keeps the first layers on the GPU (else the last)
+    kv_follows_layer: bool  # KV of CPU-resident layers lives in CPU RAM
+    offload_streams_weights: bool  # CPU-resident weights are copied over PCIe every token
+    tensor_parallel: bool  # several cards read their shares in parallel
+
+
+ENGINE_PROFILES: dict[str, EngineProfile] = {
+    "transformers": EngineProfile("transformers", 0.5, 0.0, "", 0.10, None, True, True, False, True, False),
+    "vllm": EngineProfile("vllm", 0.5, 0.5, "CUDA graphs", 0.0, 8192, True, True, False, True, True),
+    "llama.cpp": EngineProfile("llama.cpp", 0.3, 0.0, "", 0.0, 512, False, False, True, False, False),
+}
+
+
+def _gib(n: float) -> float:
+    return n / GIB
+
+
+def _r(x: float, nd: int = 3) -> float:
+    return round(float(x), nd)
+
+
+# --- model sources ----------------------------------------------------------------------------
+
+def load_model(model: Any) -> ModelSpec:
+    """A ModelSpec from a catalog id, a model folder (safetensors headers read exactly), a
+    config.json path, a config dict, a core.model_io.ModelSource or a ModelSpec."""
+    if isinstance(model, ModelSpec):
+        return model
+    if isinstance(model, dict):
+        return from_config(model, name=str(model.get("_name_or_path") or model.get("model_type") or "config"))
+    if hasattr(model, "tensors") and hasattr(model, "config") and hasattr(model, "path"):
+        return _from_source(model)
+    s = str(model)
+    path = Path(s).expanduser()
+    if path.is_dir():
+        from core.model_io import open_model
+
+        return _from_source(open_model(path, check_architecture=False))
+    if path.is_file():
+        if path.suffix != ".json":
+            raise ValueError(f"{path} is not a folder or a config.json; pass a model folder, a config.json or a catalog id")
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"corrupt {path}: {exc}; fix the JSON or re-download it") from None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{path} is not a JSON object; pass a model's config.json")
+        return from_config(cfg, name=path.parent.name or path.name, where=str(path))
+    if ("/" in s or s.startswith(".")) and catalog.find_model(s) is None:
+        raise ValueError(f"model folder not found: {s} (pass an existing folder, a config.json or a catalog id)")
+    entry = catalog.get_model(s)
+    spec = from_config(entry.config, name=entry.name, source="catalog", where=f"catalog entry {entry.id}")
+    if entry.notes:
+        spec.notes.append(entry.notes)
+    return spec
+
+
+def _from_source(src: Any) -> ModelSpec:
+    cfg = text_config(dict(src.config))
+    where = str(Path(src.path) / "config.json")
+    if not src.has_weights:
+        return from_config(cfg, name=Path(src.path).name, where=where)
+    from core.param_count import _moe_geometry, check_config
+
+    check_config(cfg, where)
+    n_exp, top_k, _, _ = _moe_geometry(cfg)
+    fraction = top_k / n_exp if n_exp else 1.0
+    tied = "lm_head.weight" not in src.tensors
+    tensors = [classify(name, tuple(t.shape), tied=tied, expert_fraction=fraction, nbytes=int(t.nbytes), dtype=t.dtype)
+               for name, t in src.tensors.items()]
+    if tied:
+        cfg = {**cfg, "tie_word_embeddings": True}
+    spec = describe(cfg, tensors, name=Path(src.path).name, source="folder", exact=True, where=where)
+    return spec
+
+
+# --- per-format weight bytes ------------------------------------------------------------------
+
+def _keep_bits(fmt: Format) -> float:
+    """Bits of the tensors a format leaves unquantized (embeddings, lm_head, norms)."""
+    return 32.0 if fmt.name == "fp32" else 16.0
+
+
+def tensor_bits(t: TensorSpec, fmt: Format, spec: ModelSpec, sup: Support | None = None) -> float:
+    """Bits per weight one tensor occupies in memory under `fmt`."""
+    if fmt.kind is Kind.GGUF:
+        if t.role in ("norm", "bias", "router"):
+            return 32.0
+        if t.role == "other" and len(t.shape) < 2:
+            return 32.0
+        cat = t.category
+        if t.role == "embedding":
+            cat = "output" if spec.tied_embeddings else "token_embd"
+        elif t.role == "lm_head":
+            cat = "output"
+        return gguf_type_bpw(gguf_tensor_type(fmt, cat, t.layer, spec.num_layers, t.in_features, n_gqa=spec.n_gqa,
+                                              n_expert=spec.n_routed_experts))
+    if fmt.kind is Kind.FLOAT:
+        return float(fmt.bits)
+    if t.role != "linear":
+        return _keep_bits(fmt)
+    if sup is not None and sup.weight_bits is not None:
+        return sup.weight_bits
+    return fmt.bits_per_weight(t.in_features)
+
+
+@dataclass
+class _Costs:
+    """Bytes of one format's weights and KV, split by where they can live."""
+
+    layer_weights: list[float]  # per decoder layer, all parameters
+    layer_active: list[float]  # per decoder layer, bytes read per token (MoE: top-k experts)
+    layer_kv: list[float]
+    embedding: float
+    head: float  # lm_head (tied: a copy counted only where an engine duplicates it) + final norm + other
+    quantized_params: int
+    quantized_bits: float
+
+    @property
+    def weights(self) -> float:
+        return sum(self.layer_weights) + self.embedding + self.head
+
+
+def _weight_costs(spec: ModelSpec, fmt: Format | None, sup: Support | None) -> tuple[list[float], list[float], float, float, int, float]:
+    L = spec.num_layers
+    lw, la = [0.0] * L, [0.0] * L
+    emb = head = 0.0
+    qp, qbits = 0, 0.0
+    for t in spec.tensors:
+        if fmt is None:  # stored bytes of a real (quantized) folder
+            nbytes = float(t.nbytes or 0)
+        else:
+            bits = tensor_bits(t, fmt, spec, sup)
+            nbytes = t.numel * bits / 8
+            if t.role == "linear":
+                qp += t.numel
+                qbits += t.numel * bits
+        if 0 <= t.layer < L:
+            lw[t.layer] += nbytes
+            la[t.layer] += nbytes * t.active_fraction
+        elif t.role == "embedding":
+            emb += nbytes
+        else:
+            head += nbytes
+    return lw, la, emb, head, qp, qbits
+
+
+def kv_bytes_per_element(kv_dtype: str, engine: str) -> float:
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
+    if kv_dtype in ("fp16", "bf16"):
+        return 2.0
+    if kv_dtype == "int8" and engine == "llama.cpp":
+        return 34 / 32  # q8_0 blocks: 32 int8 + one fp16 scale
+    return 1.0
+
+
+def kv_cache_layers(spec: ModelSpec, context: int, batch: int, kv_dtype: str = "fp16",
+                    engine: str = "transformers") -> tuple[list[float], str]:
+    """KV-cache bytes per decoder layer and the formula."""
+    b = kv_bytes_per_element(kv_dtype, engine)
+    if spec.mla is not None:
+        width = spec.mla.kv_lora_rank + spec.mla.qk_rope_head_dim
+        per = width * context * batch * b
+        formula = (f"MLA latent: {spec.num_layers} layers × ({spec.mla.kv_lora_rank} kv_lora_rank + "
+                   f"{spec.mla.qk_rope_head_dim} rope_dim) × {context} tokens × {batch} batch × {b:g} B")
+        return [per] * spec.num_layers, formula
+    full = sum(1 for k in spec.layer_types if k == "full")
+    sliding = spec.num_layers - full
+    w = min(context, spec.sliding_window or context)
+    out = []
+    for kind in spec.layer_types:
+        tokens = w if kind == "sliding" else context
+        out.append(2 * spec.num_kv_heads * spec.head_dim * tokens * batch * b)
+    head = f"2 × {spec.num_kv_heads} kv_heads × {spec.head_dim} head_dim"
+    parts = []
+    if full:
+        parts.append(f"{head} × {full} layers × {context} tokens")
+    if sliding:
+        parts.append(f"{head} × {sliding} sliding layers × min({context}, {spec.sliding_window}) tokens")
+    return out, " + ".join(parts) + f" (× {batch} batch × {b:g} B)"
+
+
+def activation_bytes(spec: ModelSpec, context: int, batch: int, engine: str, act_bytes: float = 2.0) -> tuple[float, str]:
+    """Peak live activations of one decoder layer during prefill, plus fp32 logits."""
+    prof = ENGINE_PROFILES[engine]
+    tokens = batch * context if prof.prefill_chunk is None else min(batch * context, prof.prefill_chunk)
+    H = spec.hidden_size
+    if spec.mla is not None:
+        q_dim = spec.num_heads * (spec.mla.qk_nope_head_dim + spec.mla.qk_rope_head_dim)
+        kv_dim = spec.num_heads * (spec.mla.qk_nope_head_dim + spec.mla.v_head_dim) // 2
+    else:
+        q_dim = spec.num_heads * spec.head_dim
+        kv_dim = spec.num_kv_heads * spec.head_dim
+    if spec.is_moe:
+        cfg = spec.config
+        moe_i = int(cfg.get("moe_intermediate_size") or cfg.get("intermediate_size"))
+        inter = max(spec.intermediate_size, moe_i * spec.experts_per_tok)
+    else:
+        inter = spec.intermediate_size
+    attn = 2 * q_dim + 2 * kv_dim + H
+    mlp = 3 * inter
+    per_token = 2 * H + max(attn, mlp)
+    logits = batch * spec.vocab_size * 4
+    total = tokens * per_token * act_bytes + logits
+    chunk = "whole prompt" if prof.prefill_chunk is None else f"chunk ≤ {prof.prefill_chunk}"
+    formula = (f"{tokens} tokens ({chunk}) × (2×{H} hidden + max(attention {attn}, MLP 3×{inter})) × {act_bytes:g} B"
+               f" + logits {batch} × {spec.vocab_size} vocab × 4 B")
+    return total, formula
+
+
+# --- plan results -----------------------------------------------------------------------------
+
+@dataclass
+class FormatPlan:
+    format: str
+    label: str
+    bits_per_weight: float  # of the quantized linears (GGUF mixtures: their average)
+    effective_bits_per_weight: float  # all weights, 16-bit parts included
+    weights_gib: float
+    kv_cache_gib: float
+    activations_gib: float
+    overhead_gib: float
+    total_gib: float
+    capacity_gib: float
+    fits: bool  # everything on the GPU(s)
+    gpu_layers: int
+    cpu_layers: int
+    gpu_used_gib: float
+    cpu_ram_needed_gib: float
+    fits_with_offload: bool
+    missing_gib: float  # memory short even with offload (0 when it runs)
+    decode_tokens_per_s: float | None
+    native: bool
+    runs: bool
+    support_note: str
+    formulas: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in (
+            "format", "label", "bits_per_weight", "effective_bits_per_weight", "weights_gib", "kv_cache_gib",
+            "activations_gib", "overhead_gib", "total_gib", "capacity_gib", "fits", "gpu_layers", "cpu_layers",
+            "gpu_used_gib", "cpu_ram_needed_gib", "fits_with_offload", "missing_gib", "decode_tokens_per_s",
+            "native", "runs", "support_note", "formulas", "notes")}
+        return d
+
+
+@dataclass
+class Plan:
+    model: dict[str, Any]
+    gpu: dict[str, Any]
+    num_gpus: int
+    context: int
+    batch: int
+    kv_dtype: str
+    engine: str
+    gpu_memory_utilization: float
+    cpu_ram_gib: float
+    cpu_bandwidth_gb_s: float
+    formats: list[FormatPlan]
+    notes: list[str] = field(default_factory=list)
+
+    def row(self, name: str) -> FormatPlan:
+        fmt = get_format(name).name if name != "stored" else "stored"
+        for r in self.formats:
+            if r.format == fmt:
+                return r
+        raise KeyError(f"format {name!r} is not in this plan ({', '.join(r.format for r in self.formats)})")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "gpu": self.gpu, "num_gpus": self.num_gpus, "context": self.context,
+            "batch": self.batch, "kv_dtype": self.kv_dtype, "engine": self.engine,
+            "gpu_memory_utilization": self.gpu_memory_utilization, "cpu_ram_gib": _r(self.cpu_ram_gib),
+            "cpu_bandwidth_gb_s": self.cpu_bandwidth_gb_s,
+            "formats": [f.to_json() for f in self.formats], "notes": self.notes,
+        }
+
+
+@dataclass
+class _Setup:
+    spec: ModelSpec
+    gpu: GPUSpec
+    num_gpus: int
+    context: int
+    batch: int
+    kv_dtype: str
+    engine: str
+    util: float
+    cpu_ram_gib: float
+    cpu_bw: float
+    pcie_bw: float
+
+
+def _validate(context: int, batch: int, engine: str, num_gpus: int, util: float, kv_dtype: str) -> None:
+    if not isinstance(context, int) or context <= 0:
+        raise ValueError(f"context must be a positive number of tokens (e.g. 4096), got {context}")
+    if not isinstance(batch, int) or batch <= 0:
+        raise ValueError(f"batch must be a positive integer (e.g. 1), got {batch}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if not isinstance(num_gpus, int) or not 1 <= num_gpus <= 8:
+        raise ValueError(f"num_gpus must be between 1 and 8 identical cards, got {num_gpus}")
+    if not 0.0 < util <= 1.0:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], e.g. 0.9, got {util}")
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
+
+
+def resolve_gpu(gpu: GPUSpec | str | None) -> GPUSpec:
+    """A GPUSpec from a spec, a catalog id/name, or "auto" (the first detected GPU; ValueError
+    when none is detected)."""
+    if isinstance(gpu, GPUSpec):
+        return gpu
+    if gpu is None or str(gpu).lower() == "auto":
+        from core.hardware import detect
+
+        hw = detect()
+        if not hw.gpus:
+            raise ValueError("no GPU detected; pass a GPU from the catalog (e.g. --gpu rtx-4090; see `quantscope catalog gpus`)")
+        return hw.gpus[0].spec()
+    return catalog.get_gpu(str(gpu))
+
+
+def _setup(model: Any, gpu: GPUSpec | str | None, *, context: int, batch: int, kv_dtype: str, engine: str,
+           num_gpus: int, gpu_memory_utilization: float, cpu_ram_gib: float | None,
+           cpu_bandwidth_gb_s: float | None, pcie_bandwidth_gb_s: float | None) -> _Setup:
+    _validate(context, batch, engine, num_gpus, gpu_memory_utilization, kv_dtype)
+    spec = load_model(model)
+    g = resolve_gpu(gpu)
+    if g.memory_gib <= 0:
+        raise ValueError(f"GPU {g.name} has no memory size; use custom_gpu(memory_gib, bandwidth_gb_s)")
+    if cpu_ram_gib is None:
+        from core.hardware import system_memory
+
+        cpu_ram_gib = system_memory().available_gib
+    if cpu_ram_gib < 0:
+        raise ValueError(f"cpu_ram_gib must be zero or positive, got {cpu_ram_gib}")
+    cpu_bw = DEFAULT_CPU_BANDWIDTH_GB_S if cpu_bandwidth_gb_s is None else float(cpu_bandwidth_gb_s)
+    pcie_bw = DEFAULT_PCIE_BANDWIDTH_GB_S if pcie_bandwidth_gb_s is None else float(pcie_bandwidth_gb_s)
+    if cpu_bw <= 0 or pcie_bw <= 0:
+        raise ValueError("cpu and PCIe bandwidths must be positive GB/s")
+    return _Setup(spec, g, num_gpus, context, batch, kv_dtype, engine, gpu_memory_utilization,
+                  float(cpu_ram_gib), cpu_bw, pcie_bw)
+
+
+def _stored_format(spec: ModelSpec) -> str:
+    from core.formats import format_from_quantization_config
+
+    return format_from_quantization_config(spec.quantization_config) or "stored"
+
+
+def _layer_order(s: _Setup) -> list[int]:
+    L = s.spec.num_layers
+    return list(range(L)) if ENGINE_PROFILES[s.engine].gpu_layers_first else list(range(L - 1, -1, -1))
+
+
+def _row(s: _Setup, fmt_name: str, gpu_layers: int | None) -> FormatPlan:
+    spec, prof = s.spec, ENGINE_PROFILES[s.engine]
+    stored = fmt_name == "stored" or (spec.quantization_config is not None and spec.exact)
+    fmt: Format | None = None if stored else get_format(fmt_name)
+    notes: list[str] = []
+    if fmt is not None:
+        sup = support(fmt, s.gpu.native_formats, s.gpu.compute_capability)
+        label, name = fmt.label, fmt.name
+    else:
+        name = _stored_format(spec)
+        label = f"as stored ({name})"
+        sup = Support(True, True, "")
+        if name != "stored":
+            try:
+                f2 = get_format(name)
+                sup = support(f2, s.gpu.native_formats, s.gpu.compute_capability)
+                if sup.weight_bits is not None:  # the upcast is not modelled on real bytes
+                    sup = Support(sup.native, sup.runs, sup.how + " (memory shown as stored)")
+            except ValueError:
+                pass
+    lw, la, emb, head, qp, qbits = _weight_costs(spec, fmt, sup)
+    kv_layers, kv_formula = kv_cache_layers(spec, s.context, s.batch, s.kv_dtype, s.engine)
+    act_b = 4.0 if fmt is not None and fmt.name == "fp32" else 2.0
+    act, act_formula = activation_bytes(spec, s.context, s.batch, s.engine, act_b)
+    weights = sum(lw) + emb + head
+    kv = sum(kv_layers)
+    per_card = prof.cuda_context_gib + prof.extra_gib + (0.25 if s.num_gpus > 1 and s.engine != "llama.cpp" else 0.0)
+    overhead = per_card * GIB * s.num_gpus + prof.fragmentation * (kv + act)
+    over_formula = f"{s.num_gpus} card(s) × ({prof.cuda_context_gib:g} GiB CUDA context"
+    if prof.extra_gib:
+        over_formula += f" + {prof.extra_gib:g} GiB {prof.extra_label}"
+    if s.num_gpus > 1 and s.engine != "llama.cpp":
+        over_formula += " + 0.25 GiB NCCL buffers"
+    over_formula += ")"
+    if prof.fragmentation:
+        over_formula += f" + {prof.fragmentation:.0%} allocator fragmentation × (KV + activations)"
+    total = weights + kv + act + overhead
+    util = s.util if s.engine == "vllm" else 1.0
+    capacity = s.gpu.memory_gib * GIB * s.num_gpus * util
+
+    # Offload split: fixed GPU parts, then whole decoder layers in the engine's order.
+    L = spec.num_layers
+    fixed = overhead + act + head + (emb if prof.embeddings_on_gpu else 0.0)
+    cpu_fixed = 0.0 if prof.embeddings_on_gpu else emb
+    order = _layer_order(s)
+
+    def usage(n: int) -> tuple[float, float]:
+        on_gpu = set(order[:n])
+        gpu_b = fixed + sum(lw[i] for i in on_gpu)
+        cpu_b = cpu_fixed + sum(lw[i] for i in range(L) if i not in on_gpu)
+        for i in range(L):
+            if i in on_gpu or not prof.kv_follows_layer:
+                gpu_b += kv_layers[i]
+            else:
+                cpu_b += kv_layers[i]
+        return gpu_b, cpu_b
+
+    if gpu_layers is None:
+        n = L
+        while n > 0 and usage(n)[0] > capacity:
+            n -= 1
+    else:
+        if not 0 <= gpu_layers <= L:
+            raise ValueError(f"gpu_layers must be between 0 and {L} (the model's decoder layers), got {gpu_layers}")
+        n = gpu_layers
+    gpu_b, cpu_b = usage(n)
+    ram = s.cpu_ram_gib * GIB
+    gpu_ok = gpu_b <= capacity
+    fits = gpu_ok and n == L and cpu_b <= ram
+    fits_off = gpu_ok and cpu_b <= ram
+    missing = max(0.0, gpu_b - capacity) + max(0.0, cpu_b - ram)
+    if not gpu_ok:
+        notes.append(f"even with every decoder layer in CPU RAM the GPU needs {_gib(gpu_b):.2f} GiB "
+                     f"(overhead, activations, lm_head{', embeddings' if prof.embeddings_on_gpu else ''}) "
+                     f"of {_gib(capacity):.2f} GiB" if n == 0 else
+                     f"{n} layers on the GPU need {_gib(gpu_b):.2f} GiB of {_gib(capacity):.2f} GiB")
+    if cpu_b > ram:
+        notes.append(f"the CPU side needs {_gib(cpu_b):.2f} GiB but {s.cpu_ram_gib:.2f} GiB of RAM is available")
+    if not fits and fits_off:
+        notes.append(f"offload: {n} of {L} decoder layers on the GPU, {L - n} in CPU RAM ({_gib(cpu_b):.2f} GiB)")
+
+    # Decode speed: bytes read per generated token.
+    on_gpu = set(order[:n])
+    gpu_read = head + sum(la[i] for i in on_gpu)
+    off_read = sum(la[i] for i in range(L) if i not in on_gpu)
+    for i in range(L):
+        if i in on_gpu or not prof.kv_follows_layer:
+            gpu_read += kv_layers[i]
+        else:
+            off_read += kv_layers[i]
+    gpu_bw = s.gpu.bandwidth_gb_s * (s.num_gpus if prof.tensor_parallel else 1)
+    off_bw = min(s.cpu_bw, s.pcie_bw) if prof.offload_streams_weights else s.cpu_bw
+    tps: float | None = None
+    if gpu_bw > 0 and sup.runs:
+        seconds = gpu_read / (gpu_bw * 1e9) + off_read / (off_bw * 1e9)
+        tps = _r(1.0 / seconds, 2) if seconds > 0 else None
+    speed_formula = (f"1 / ({_gib(gpu_read):.3f} GiB on GPU / {gpu_bw:g} GB/s"
+                     + (f" + {_gib(off_read):.3f} GiB off GPU / {off_bw:g} GB/s" if off_read else "")
+                     + ") — memory-bound upper bound per sequence at full context; real engines reach ~60-85%")
+    if prof.offload_streams_weights and off_read:
+        notes.append(f"{s.engine} copies CPU-resident weights over PCIe every token ({s.pcie_bw:g} GB/s)")
+
+    n_params = spec.total_params
+    all_bits = 8 * weights / n_params if n_params else 0.0
+    bpw = qbits / qp if qp else all_bits
+    if fmt is None:
+        weights_formula = f"exact stored tensor bytes from the safetensors headers: {weights:,.0f} B"
+    elif fmt.kind is Kind.GGUF:
+        weights_formula = (f"{qp:,} linear params × {bpw:.4f} bpw (llama.cpp {fmt.label} mix) + embeddings/lm_head "
+                           "per llama.cpp rules + norms F32")
+    elif fmt.kind is Kind.FLOAT:
+        weights_formula = f"{n_params:,} params × {fmt.bits:g} bits / 8"
+    else:
+        upcast = f" (upcast to {sup.weight_bits:g}-bit on this GPU)" if sup.weight_bits else ""
+        weights_formula = (f"{qp:,} linear params × {bpw:.4f} bpw{upcast} + {n_params - qp:,} params "
+                           f"(embeddings, lm_head, norms) × {_keep_bits(fmt):g} bits")
+    if not sup.native:
+        notes.append(f"{s.gpu.name}: {sup.how}")
+    if s.engine == "vllm":
+        pool = capacity - (weights + act + overhead)
+        if pool > 0:
+            per_tok = kv / (s.context * s.batch)
+            notes.append(f"vLLM claims {s.util:.0%} of each card ({_gib(capacity):.2f} GiB) and fills "
+                         f"{_gib(pool):.2f} GiB with KV blocks ≈ {int(pool / per_tok):,} tokens")
+    return FormatPlan(
+        format=name, label=label, bits_per_weight=_r(bpw, 4), effective_bits_per_weight=_r(all_bits, 4),
+        weights_gib=_r(_gib(weights)), kv_cache_gib=_r(_gib(kv)), activations_gib=_r(_gib(act)),
+        overhead_gib=_r(_gib(overhead)), total_gib=_r(_gib(total)), capacity_gib=_r(_gib(capacity)), fits=fits,
+        gpu_layers=n, cpu_layers=L - n, gpu_used_gib=_r(_gib(gpu_b)), cpu_ram_needed_gib=_r(_gib(cpu_b)),
+        fits_with_offload=fits_off, missing_gib=_r(_gib(missing)), decode_tokens_per_s=tps, native=sup.native,
+        runs=sup.runs, support_note=sup.how,
+        formulas={"weights": weights_formula, "kv_cache": kv_formula, "activations": act_formula,
+                  "overhead": over_formula, "decode_tokens_per_s": speed_formula},
+        notes=notes,
+    )
+
+
+def _gpu_json(s: _Setup) -> dict[str, Any]:
+    return s.gpu.to_json()
+
+
+def plan(model: Any, gpu: GPUSpec | str | None = "auto", *, formats: list[str] | tuple[str, ...] | None = None,
+         context: int = 4096, batch: int = 1, kv_dtype: str = "fp16", engine: str = "transformers",
+         num_gpus: int = 1, gpu_memory_utilization: float = 0.9, cpu_ram_gib: float | None = None,
+         cpu_bandwidth_gb_s: float | None = None, pcie_bandwidth_gb_s: float | None = None) -> Plan:
+    """Memory, offload split and decode speed for each format (default: DEFAULT_PLAN_FORMATS).
+
+    model: catalog id, model folder, config.json path, config dict or ModelSpec. A quantized
+    folder (config has quantization_config) is planned once, with its real stored bytes.
+    gpu: GPUSpec, catalog id/name, or "auto" for the first detected GPU.
+    cpu_ram_gib: RAM available for offloaded layers (default: this machine's available RAM).
+    """
+    s = _setup(model, gpu, context=context, batch=batch, kv_dtype=kv_dtype, engine=engine, num_gpus=num_gpus,
+               gpu_memory_utilization=gpu_memory_utilization, cpu_ram_gib=cpu_ram_gib,
+               cpu_bandwidth_gb_s=cpu_bandwidth_gb_s, pcie_bandwidth_gb_s=pcie_bandwidth_gb_s)
+    notes = list(s.spec.notes)
+    if s.spec.quantization_config is not None and s.spec.exact:
+        names = ["stored"]
+        if formats:
+            notes.append("this folder is already quantized: planned with its stored bytes; --formats ignored")
+    else:
+        names = [get_format(f).name for f in (formats or DEFAULT_PLAN_FORMATS)]
+    if s.context > int(s.spec.config.get("max_position_embeddings") or s.context):
+        notes.append(f"context {s.context} exceeds the model's max_position_embeddings "
+                     f"({s.spec.config['max_position_embeddings']})")
+    if s.batch > 1 and s.spec.is_moe:
+        notes.append("MoE with batch > 1 touches more experts per step than top-k; decode speed is optimistic")
+    rows = [_row(s, n, None) for n in names]
+    return Plan(model=s.spec.to_json(), gpu=_gpu_json(s), num_gpus=s.num_gpus, context=s.context, batch=s.batch,
+                kv_dtype=s.kv_dtype, engine=s.engine, gpu_memory_utilization=s.util, cpu_ram_gib=s.cpu_ram_gib,
+                cpu_bandwidth_gb_s=s.cpu_bw, formats=rows, notes=notes)
+
+
+def plan_offload(model: Any, gpu: GPUSpec | str | None = "auto", *, format: str = "int4_g128", gpu_layers: int,
+                 context: int = 4096, batch: int = 1, kv_dtype: str = "fp16", engine: str = "transformers",
+                 num_gpus: int = 1, gpu_memory_utilization: float = 0.9, cpu_ram_gib: float | None = None,
+                 cpu_bandwidth_gb_s: float | None = None, pcie_bandwidth_gb_s: float | None = None) -> FormatPlan:
+    """One format with a user-chosen number of decoder layers on the GPU (the GUI's slider):
+    GPU and CPU memory for that split, whether it fits, and the decode speed."""
+    s = _setup(model, gpu, context=context, batch=batch, kv_dtype=kv_dtype, engine=engine, num_gpus=num_gpus,
+               gpu_memory_utilization=gpu_memory_utilization, cpu_ram_gib=cpu_ram_gib,
+               cpu_bandwidth_gb_s=cpu_bandwidth_gb_s, pcie_bandwidth_gb_s=pcie_bandwidth_gb_s)
+    name = "stored" if s.spec.quantization_config is not None and s.spec.exact else get_format(format).name
+    return _row(s, name, gpu_layers)
