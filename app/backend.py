@@ -1,0 +1,393 @@
+"""The one place where the app calls into `core`. Views import this module, not core's
+modules directly, so the app's view of the engine, planner and catalogs is written down once.
+
+Everything here is plain Python (no Qt) and runs either on the UI thread (fast calls such as
+reading headers or planning) or inside a `TaskRunner` (anything that touches weights).
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.events import CancelToken, Sink, StageStarted, null_sink
+
+log = logging.getLogger(__name__)
+
+
+def _optional(module: str) -> Any | None:
+    """Import a core module that a build may not have (e.g. no planner); None when absent."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name == module:
+            return None
+        raise
+
+
+# ---------------------------------------------------------------- models
+
+def open_model(path: str | Path) -> Any:
+    """Headers only. Unsupported architectures open too: planning and inspection work for them,
+    quantizing checks support itself."""
+    from core.model_io import open_model as _open
+
+    return _open(path, check_architecture=False)
+
+
+def catalog_model_ids() -> list[str]:
+    from core import catalog
+
+    return [m.id for m in catalog.models()]
+
+
+def catalog_model(model_id: str) -> Any:
+    """A catalog entry (config facts only); ValueError with close names when unknown."""
+    from core import catalog
+
+    return catalog.get_model(model_id)
+
+
+def fallback_catalog_id() -> str | None:
+    """What the app shows when the demo model cannot be prepared: SmolLM2-135M's catalog entry if
+    the catalog has one, else its first model."""
+    from core import catalog
+
+    entries = catalog.models()
+    for m in entries:
+        if "smollm2" in m.id.lower() and "135" in m.id:
+            return m.id
+    return entries[0].id if entries else None
+
+
+def demo_model_ready() -> Path | None:
+    demo = _optional("core.demo")
+    if demo is None:
+        return None
+    return demo.demo_model_dir() if demo.is_prepared() else None
+
+
+def prepare_demo(*, sink: Sink = null_sink, cancel: CancelToken | None = None) -> Path:
+    """Worker function: the real SmolLM2-135M demo model, converted into the cache on first use.
+    The conversion is atomic and takes seconds, so it is not interruptible midway; `cancel` is
+    honoured before it starts."""
+    from core.demo import prepare_smollm2
+
+    if cancel is not None:
+        cancel.check()
+    return prepare_smollm2(sink=sink)
+
+
+# ---------------------------------------------------------------- hardware
+
+def gpu_memory() -> list[tuple[float, float]]:
+    """(used GiB, total GiB) per visible CUDA device, for the status bar. Reads the CUDA runtime
+    only when torch already initialised it or a GPU exists, so CPU machines pay nothing."""
+    try:
+        import torch
+    except ImportError:
+        return []
+    if not torch.cuda.is_available():
+        return []
+    out = []
+    for i in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(i)
+        out.append(((total - free) / 2**30, total / 2**30))
+    return out
+
+
+@dataclass(frozen=True)
+class GpuOption:
+    """One entry of the GPU picker. `spec` is the core object the planner takes."""
+
+    key: str
+    label: str
+    memory_gib: float
+    bandwidth_gbs: float | None
+    spec: Any
+    free_gib: float | None = None
+    detected: bool = False
+    detail: str = ""
+
+
+def system_ram_gib() -> tuple[float, float]:
+    """(total, available) GiB."""
+    import psutil
+
+    vm = psutil.virtual_memory()
+    return vm.total / 2**30, vm.available / 2**30
+
+
+DEFAULT_GPU = "rtx-4090"
+
+
+def _gpu_option(spec: Any, *, free_gib: float | None = None, detected: bool = False,
+                label: str | None = None) -> GpuOption:
+    detail = f"{spec.generation}, compute {spec.compute_capability:g}"
+    if spec.native_formats:
+        detail += f"; native: {', '.join(spec.native_formats)}"
+    mem = f"{spec.memory_gib:.0f} GiB"
+    return GpuOption(
+        key=("detected:" if detected else "") + spec.id,
+        label=label or f"{spec.name} — {mem}",
+        memory_gib=float(spec.memory_gib),
+        bandwidth_gbs=float(spec.bandwidth_gb_s) or None,
+        spec=spec,
+        free_gib=free_gib,
+        detected=detected,
+        detail=detail,
+    )
+
+
+def catalog_gpus() -> list[GpuOption]:
+    from core import catalog
+
+    return [_gpu_option(g) for g in catalog.gpus() if g.id != "custom"]
+
+
+def detected_gpus() -> list[GpuOption]:
+    """GPUs on this machine (free memory now), matched to catalog entries for bandwidth."""
+    from core.hardware import detect
+
+    out = []
+    for dev in detect().gpus:
+        free = dev.free_gib
+        label = f"GPU {dev.index}: {dev.name}" + (f" — {free:.1f} GiB free" if free is not None else "")
+        out.append(_gpu_option(dev.spec(), free_gib=free, detected=True, label=label))
+    return out
+
+
+def custom_gpu(memory_gib: float, bandwidth_gbs: float) -> GpuOption:
+    from core import catalog
+
+    spec = catalog.custom_gpu(memory_gib, bandwidth_gbs)
+    return _gpu_option(spec, label=f"Custom GPU — {memory_gib:.0f} GiB, {bandwidth_gbs:.0f} GB/s")
+
+
+# ---------------------------------------------------------------- quantization
+
+def run_quantization(*, job: Any, sink: Sink = null_sink, cancel: CancelToken | None = None) -> Any:
+    """Worker function: the engine's layer-by-layer loop (see core.engine)."""
+    from core.engine import run_quantization as _run
+
+    return _run(job, sink=sink, cancel=cancel)
+
+
+def exports_for(method_config: Any) -> list[str]:
+    """Export formats that can represent this method's output (others are not offered)."""
+    from core.export import default_export, exporters_accepting
+
+    names = list(exporters_accepting(method_config))
+    default = default_export(method_config)
+    if default not in names:
+        # The default layout is the engine's own; it is always writable even when the exporter
+        # module for another layout is absent.
+        names.insert(0, default)
+    return names
+
+
+def default_export_for(method_config: Any) -> str:
+    from core.export import default_export
+
+    return default_export(method_config)
+
+
+def quantize_memory_text(source: Any, method_config: Any, calib: Any) -> str:
+    """One line for the Quantize tab: the peak memory this job needs, before it starts."""
+    planner = _optional("core.planner")
+    if planner is None or not hasattr(planner, "quantize_memory"):
+        return "Memory estimate unavailable (no planner in this build)."
+    try:
+        est = planner.quantize_memory(source, method_config, calib)
+    except ValueError as exc:
+        return f"Memory estimate unavailable: {exc}"
+    peak = _get(est, "peak_gib", "total_gib")
+    available = system_ram_gib()[1]
+    parts = [f"{k.replace('_gib', '').replace('_', ' ')} {v:.2f}" for k, v in _gib_items(est) if k != "peak_gib"]
+    verdict = "fits in free RAM" if peak is not None and peak <= available else "more than the free RAM"
+    head = f"This job needs about {peak:.2f} GiB ({verdict}: {available:.1f} GiB free)." if peak is not None else ""
+    return head + ("\n" + ", ".join(parts) + " GiB" if parts else "")
+
+
+def _get(obj: Any, *names: str) -> Any:
+    for n in names:
+        if isinstance(obj, dict) and n in obj:
+            return obj[n]
+        if hasattr(obj, n):
+            return getattr(obj, n)
+    return None
+
+
+def _gib_items(obj: Any) -> list[tuple[str, float]]:
+    data = obj if isinstance(obj, dict) else getattr(obj, "__dict__", {})
+    return [(k, float(v)) for k, v in data.items() if k.endswith("_gib") and isinstance(v, (int, float))]
+
+
+# ---------------------------------------------------------------- evaluation
+
+def evaluate_before_after(
+    *, original: Path, quantized: Path, text: str = "builtin", seq_len: int = 256, windows: int = 8,
+    sink: Sink = null_sink, cancel: CancelToken | None = None,
+) -> dict[str, Any]:
+    """Worker function: perplexity of the original and of the quantized model on the same
+    windows, and the KL divergence of the quantized model's next-token distributions from the
+    original's."""
+    from core.evaluate import evaluate
+
+    sink(StageStarted("evaluate", total=2, message=f"original {Path(original).name}"))
+    before = evaluate(original, text=text, seq_len=seq_len, windows=windows, sink=sink, cancel=cancel)
+    sink(StageStarted("evaluate", total=2, message=f"quantized {Path(quantized).name}"))
+    after = evaluate(quantized, text=text, seq_len=seq_len, windows=windows, reference=original,
+                     sink=sink, cancel=cancel)
+    ppl0, ppl1 = float(before["perplexity"]), float(after["perplexity"])
+    return {
+        "text": text, "seq_len": seq_len, "windows": windows, "tokens": after.get("tokens"),
+        "perplexity_before": ppl0, "perplexity_after": ppl1,
+        "perplexity_change_pct": (ppl1 / ppl0 - 1.0) * 100.0 if ppl0 else None,
+        "kl_divergence": after.get("kl_divergence"),
+        "seconds": float(before.get("seconds", 0.0)) + float(after.get("seconds", 0.0)),
+    }
+
+
+# ---------------------------------------------------------------- inspection
+
+def linear_weight_names(source: Any) -> list[str]:
+    """2-D `.weight` tensors inside decoder layers, in layer order (the linears a method touches)."""
+    names = [n for n, t in getattr(source, "tensors", {}).items()
+             if n.endswith(".weight") and ".layers." in f".{n}" and len(t.shape) == 2]
+    return sorted(names, key=_layer_sort_key)
+
+
+def _layer_sort_key(name: str) -> tuple[int, str]:
+    import re
+
+    m = re.search(r"layers\.(\d+)\.", name)
+    return (int(m.group(1)) if m else -1, name)
+
+
+def _weight_summary(w: Any) -> dict[str, float]:
+    import torch
+
+    w = w.float().flatten()
+    mean = w.mean()
+    centred = w - mean
+    var = centred.square().mean()
+    std = var.sqrt().clamp(min=1e-12)
+    kurt = float((centred.pow(4).mean() / var.square().clamp(min=1e-24)))  # 3 for a Gaussian
+    absmax = float(w.abs().max())
+    return {"kurtosis": kurt, "absmax": absmax, "std": float(std),
+            "absmax_over_std": absmax / float(std),
+            "frac_beyond_6sigma": float((centred.abs() > 6 * std).to(torch.float32).mean())}
+
+
+def weight_overview(*, source: Any, sink: Sink = null_sink, cancel: CancelToken | None = None) -> list[dict]:
+    """Worker function: kurtosis and absmax/σ of every decoder linear, one tensor in memory at
+    a time, for the layers × module-types heatmap."""
+    from core.events import Progress
+
+    names = linear_weight_names(source)
+    out = []
+    sink(StageStarted("overview", total=len(names), message="weight statistics"))
+    for i, name in enumerate(names):
+        if cancel is not None:
+            cancel.check()
+        w = source.load_tensors([name])[name]
+        out.append({"name": name[: -len(".weight")], **_weight_summary(w)})
+        sink(Progress("overview", i + 1, len(names), name))
+    return out
+
+
+def linear_detail(
+    *, source: Any, name: str, calibrate: bool = False, threshold: float = 6.0, alpha: float = 0.5,
+    samples: int = 8, seq_len: int = 128, bins: int = 121,
+    sink: Sink = null_sink, cancel: CancelToken | None = None,
+) -> dict[str, Any]:
+    """Worker function: everything the inspector draws for one linear — weight histogram,
+    per-input-channel and per-output-channel absmax, summary statistics, and with calibration
+    the activation per-channel absmax, the channels beyond the LLM.int8 threshold and the
+    SmoothQuant scales s_j = max|X_j|^α / max|W_j|^(1−α)."""
+    import numpy as np
+
+    weight_name = name if name.endswith(".weight") else f"{name}.weight"
+    w = source.load_tensors([weight_name])[weight_name].float()
+    if cancel is not None:
+        cancel.check()
+    lim = float(w.abs().max()) or 1.0
+    counts, edges = np.histogram(w.numpy().ravel(), bins=bins, range=(-lim, lim))
+    detail: dict[str, Any] = {
+        "name": weight_name[: -len(".weight")],
+        "shape": list(w.shape),
+        "hist_counts": counts,
+        "hist_edges": edges,
+        "w_in_absmax": w.abs().amax(dim=0).numpy(),
+        "w_out_absmax": w.abs().amax(dim=1).numpy(),
+        "threshold": threshold,
+        "alpha": alpha,
+        **_weight_summary(w),
+    }
+    if calibrate:
+        detail.update(activation_detail(source=source, name=detail["name"], w_in_absmax=detail["w_in_absmax"],
+                                        threshold=threshold, alpha=alpha, samples=samples, seq_len=seq_len,
+                                        sink=sink, cancel=cancel))
+    return detail
+
+
+def activation_detail(
+    *, source: Any, name: str, w_in_absmax: Any, threshold: float, alpha: float, samples: int, seq_len: int,
+    sink: Sink = null_sink, cancel: CancelToken | None = None,
+) -> dict[str, Any]:
+    """Per-input-channel activation absmax of one linear over calibration text (core.outliers),
+    and what LLM.int8 and SmoothQuant would do with it."""
+    import numpy as np
+
+    from core import outliers
+    from core.config import CalibConfig
+
+    stats = outliers.activation_absmax(source.path, [name], calib=CalibConfig(samples=samples, seq_len=seq_len),
+                                       sink=sink, cancel=cancel)
+    x = np.asarray(stats[name], dtype=np.float64)
+    w = np.asarray(w_in_absmax, dtype=np.float64)
+    scales = np.power(np.maximum(x, 1e-5), alpha) / np.power(np.maximum(w, 1e-5), 1.0 - alpha)
+    order = np.argsort(-scales)
+    return {
+        "a_absmax": x,
+        "outlier_channels": [int(i) for i in np.nonzero(x >= threshold)[0]],
+        "smooth_scales": scales,
+        "smooth_top": [(int(i), float(scales[i])) for i in order[:10]],
+    }
+
+
+# ---------------------------------------------------------------- planning
+
+KV_DTYPES = ("fp16", "fp8", "int8")
+
+
+def engine_profiles() -> list[tuple[str, str]]:
+    planner = _optional("core.planner")
+    profiles = getattr(planner, "ENGINES", None) if planner is not None else None
+    if profiles:
+        return [(str(k), str(getattr(v, "label", k))) for k, v in (profiles.items() if isinstance(profiles, dict)
+                                                                   else ((p, p) for p in profiles))]
+    return [("transformers", "transformers"), ("vllm", "vLLM"), ("llama.cpp", "llama.cpp")]
+
+
+def plan_rows(source: Any, gpu: GpuOption, *, num_gpus: int, context: int, batch: int, kv_dtype: str,
+              engine: str) -> list[dict[str, Any]]:
+    """One dict per format with the keys of `quantscope plan --json` (DESIGN §3) plus `formulas`."""
+    from core import planner
+
+    plan = planner.plan(source, gpu.spec, context=context, batch=batch, kv_dtype=kv_dtype, engine=engine,
+                        num_gpus=num_gpus)
+    doc = plan.to_json() if hasattr(plan, "to_json") else plan
+    return list(doc["formats"])
+
+
+def offload_split(source: Any, gpu: GpuOption, fmt: str, gpu_layers: int, *, num_gpus: int, context: int,
+                  batch: int, kv_dtype: str, engine: str) -> dict[str, Any]:
+    from core import planner
+
+    split = planner.plan_offload(source, gpu.spec, fmt, gpu_layers=gpu_layers, context=context, batch=batch,
+                                 kv_dtype=kv_dtype, engine=engine, num_gpus=num_gpus)
+    return split.to_json() if hasattr(split, "to_json") else dict(split)

@@ -1,0 +1,102 @@
+"""Light and dark themes: a QSS file per theme plus the matching colours for pyqtgraph plots,
+which QSS cannot reach."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyqtgraph as pg
+from PySide6.QtCore import QObject, Signal
+from PySide6.QtGui import QColor, QFont, QFontDatabase
+from PySide6.QtWidgets import QApplication
+
+from app.resources import stylesheet
+
+THEMES = ("light", "dark")
+
+
+@dataclass(frozen=True)
+class Palette:
+    background: str
+    foreground: str
+    muted: str
+    grid: str
+    accent: str
+    fits: str  # table rows that fit on the GPU
+    offload: str  # fit only with CPU offload
+    nofit: str  # do not fit at all
+    parts: tuple[str, str, str, str]  # weights, KV cache, activations, overhead
+    modules: dict[str, str]  # module type -> colour for the per-layer plots
+
+
+_MODULES_LIGHT = {"q": "#2f6feb", "k": "#8250df", "v": "#bf3989", "o": "#cf222e",
+                  "gate": "#1a7f37", "up": "#9a6700", "down": "#0a7b83", "other": "#57606a"}
+_MODULES_DARK = {"q": "#4493f8", "k": "#a371f7", "v": "#db61a2", "o": "#f85149",
+                 "gate": "#3fb950", "up": "#d29922", "down": "#39c5cf", "other": "#9198a1"}
+
+PALETTES = {
+    "light": Palette("#ffffff", "#1f2328", "#57606a", "#d0d7de", "#2f6feb",
+                     "#dafbe1", "#fff8c5", "#ffebe9",
+                     ("#2f6feb", "#8250df", "#d29922", "#8c959f"), _MODULES_LIGHT),
+    "dark": Palette("#0d1117", "#e6edf3", "#9198a1", "#30363d", "#4493f8",
+                    "#12361f", "#3b2e07", "#4a1518",
+                    ("#4493f8", "#a371f7", "#d29922", "#6e7681"), _MODULES_DARK),
+}
+
+
+class ThemeManager(QObject):
+    """Applies a theme to the application and tells plots to recolour."""
+
+    changed = Signal(str)
+
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self._name = "light"
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def palette(self) -> Palette:
+        return PALETTES[self._name]
+
+    def apply(self, name: str) -> None:
+        if name not in THEMES:
+            raise ValueError(f"unknown theme {name!r} (use 'light' or 'dark')")
+        self._name = name
+        app = QApplication.instance()
+        if app is not None:
+            app.setStyleSheet(stylesheet(name))
+        pal = PALETTES[name]
+        pg.setConfigOption("background", pal.background)
+        pg.setConfigOption("foreground", pal.foreground)
+        self.changed.emit(name)
+
+
+def choose_font() -> QFont:
+    """A UI font that exists here. Offscreen Qt has no system font settings, and asking for a
+    family that is absent renders boxes; DejaVu Sans ships with most Linux images."""
+    families = set(QFontDatabase.families())
+    for family in ("Inter", "Segoe UI", "Cantarell", "Noto Sans", "DejaVu Sans", "Liberation Sans", "Arial"):
+        if family in families:
+            font = QFont(family)
+            font.setPointSizeF(10.0)
+            return font
+    return QFont()
+
+
+def style_plot(widget: pg.PlotWidget, palette: Palette) -> None:
+    """Recolour an existing plot for a theme."""
+    widget.setBackground(palette.background)
+    plot = widget.getPlotItem()
+    for axis in ("left", "bottom", "right", "top"):
+        ax = plot.getAxis(axis)
+        ax.setPen(pg.mkPen(palette.muted))
+        ax.setTextPen(pg.mkPen(palette.foreground))
+    plot.titleLabel.setAttr("color", palette.foreground)
+
+
+def qcolor(hex_colour: str, alpha: int = 255) -> QColor:
+    c = QColor(hex_colour)
+    c.setAlpha(alpha)
+    return c

@@ -1,0 +1,321 @@
+"""Plan tab: memory per format for the chosen model and GPU, as a table coloured by fit and a
+stacked bar chart against the GPU's memory; controls recompute instantly (the planner is
+arithmetic on config facts, so it runs on the UI thread); an offload slider for one format."""
+from __future__ import annotations
+
+from typing import Any
+
+import pyqtgraph as pg
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtGui import QBrush
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QComboBox,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QSlider,
+    QSpinBox,
+    QSplitter,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from app import backend
+from app.state import AppState
+from app.theme import ThemeManager, qcolor, style_plot
+
+COLUMNS = [
+    ("Format", "format"),
+    ("Bits/weight", "bits_per_weight"),
+    ("Weights", "weights_gib"),
+    ("KV cache", "kv_cache_gib"),
+    ("Activations", "activations_gib"),
+    ("Overhead", "overhead_gib"),
+    ("Total", "total_gib"),
+    ("Fits", "fits"),
+    ("GPU / CPU layers", "layers"),
+    ("Decode tok/s", "decode_tokens_per_s"),
+]
+PARTS = [("weights_gib", "Weights"), ("kv_cache_gib", "KV cache"), ("activations_gib", "Activations"),
+         ("overhead_gib", "Overhead")]
+CONTEXT_PRESETS = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
+
+
+class PlanView(QWidget):
+    error = Signal(str, str)
+
+    def __init__(self, state: AppState, theme: ThemeManager, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.state = state
+        self.theme = theme
+        self.rows: list[dict[str, Any]] = []
+
+        self.context = QSpinBox()
+        self.context.setRange(1, 10_000_000)
+        self.context.setSingleStep(1024)
+        self.context.setValue(4096)
+        self.context.setSuffix(" tokens")
+        self.context.setToolTip("Context length the KV cache must hold (per sequence)")
+        self.context_preset = QComboBox()
+        for n in CONTEXT_PRESETS:
+            self.context_preset.addItem(f"{n // 1024}k" if n >= 1024 else str(n), n)
+        self.context_preset.setCurrentIndex(CONTEXT_PRESETS.index(4096))
+        self.context_preset.activated.connect(lambda i: self.context.setValue(self.context_preset.itemData(i)))
+        self.batch = QSpinBox()
+        self.batch.setRange(1, 4096)
+        self.batch.setToolTip("Concurrent sequences (each has its own KV cache)")
+        self.kv_dtype = QComboBox()
+        for name in backend.KV_DTYPES:
+            self.kv_dtype.addItem(name)
+        self.kv_dtype.setToolTip("Element type of the KV cache")
+        self.engine = QComboBox()
+        for key, label in backend.engine_profiles():
+            self.engine.addItem(label, key)
+        self.engine.setToolTip("Inference engine profile: decides runtime overhead (CUDA context, vLLM's reserved pool, …)")
+
+        controls = QHBoxLayout()
+        for label, widget in (("Context", self.context), ("", self.context_preset), ("Batch", self.batch),
+                              ("KV dtype", self.kv_dtype), ("Engine", self.engine)):
+            if label:
+                controls.addWidget(QLabel(label))
+            controls.addWidget(widget)
+        controls.addStretch(1)
+        self.summary = QLabel()
+        self.summary.setObjectName("Muted")
+        self.summary.setWordWrap(True)
+
+        self.table = QTableWidget(0, len(COLUMNS))
+        self.table.setHorizontalHeaderLabels([c for c, _ in COLUMNS])
+        self.table.verticalHeader().setVisible(False)
+        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        self.table.horizontalHeader().setStretchLastSection(True)
+        self.table.itemSelectionChanged.connect(self._selection_changed)
+
+        self.chart = pg.PlotWidget()
+        self.chart.setMenuEnabled(False)
+        self.chart.setMouseEnabled(x=False, y=False)
+        self.chart.showGrid(y=True, alpha=0.25)
+        self.chart.setLabel("left", "GiB")
+        self.chart.addLegend(offset=(-10, 10))
+        self.bars: list[pg.BarGraphItem] = []
+        for i, (_key, label) in enumerate(PARTS):
+            bar = pg.BarGraphItem(x=[], height=[], width=0.7, y0=[], name=label)
+            self.chart.addItem(bar)
+            self.bars.append(bar)
+            self.chart.getPlotItem().legend.addItem(bar, label)
+        self.gpu_line = pg.InfiniteLine(angle=0, movable=False, label="GPU {value:.1f} GiB",
+                                        labelOpts={"position": 0.95, "anchors": [(1, 1), (1, 1)]})
+        self.chart.addItem(self.gpu_line)
+        self.chart.setMinimumHeight(220)
+
+        # Offload panel for the selected format.
+        self.offload_format = QLabel("Select a format in the table")
+        self.offload_format.setObjectName("Heading")
+        self.slider = QSlider(Qt.Orientation.Horizontal)
+        self.slider.setRange(0, 0)
+        self.slider.setToolTip("Decoder layers on the GPU; the rest stay in CPU RAM")
+        self.slider.valueChanged.connect(self._offload_changed)
+        self.offload_text = QLabel()
+        self.offload_text.setWordWrap(True)
+        self.formula = QLabel()
+        self.formula.setObjectName("Formula")
+        self.formula.setWordWrap(True)
+        self.formula.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.formula.setAlignment(Qt.AlignmentFlag.AlignTop | Qt.AlignmentFlag.AlignLeft)
+        offload = QGroupBox("Offload and formulas")
+        ol = QVBoxLayout(offload)
+        ol.addWidget(self.offload_format)
+        ol.addWidget(QLabel("GPU layers"))
+        ol.addWidget(self.slider)
+        ol.addWidget(self.offload_text)
+        ol.addWidget(self.formula, 1)
+
+        lower = QSplitter(Qt.Orientation.Horizontal)
+        lower.addWidget(self.chart)
+        lower.addWidget(offload)
+        lower.setStretchFactor(0, 3)
+        lower.setStretchFactor(1, 2)
+        split = QSplitter(Qt.Orientation.Vertical)
+        split.addWidget(self.table)
+        split.addWidget(lower)
+        split.setStretchFactor(0, 3)
+        split.setStretchFactor(1, 2)
+
+        layout = QVBoxLayout(self)
+        layout.addLayout(controls)
+        layout.addWidget(self.summary)
+        layout.addWidget(split, 1)
+
+        for signal in (self.context.valueChanged, self.batch.valueChanged, self.kv_dtype.currentIndexChanged,
+                       self.engine.currentIndexChanged):
+            signal.connect(self.refresh)
+        state.model_changed.connect(self.refresh)
+        state.gpu_changed.connect(self.refresh)
+        theme.changed.connect(self._restyle)
+        self._restyle()
+
+    # ------------------------------------------------------------ planning
+    def params(self) -> dict[str, Any]:
+        return {"context": self.context.value(), "batch": self.batch.value(),
+                "kv_dtype": self.kv_dtype.currentText(), "engine": self.engine.currentData()}
+
+    def refresh(self) -> None:
+        model, gpu = self.state.model, self.state.gpu
+        if model is None or gpu is None:
+            self._show([])
+            self.summary.setText("Open a model and choose a GPU to see the plan.")
+            return
+        try:
+            self.rows = backend.plan_rows(model.source, gpu, num_gpus=self.state.num_gpus, **self.params())
+        except ValueError as exc:
+            self.rows = []
+            self._show([])
+            self.summary.setText(f"Cannot plan: {exc}")
+            return
+        gpu_total = gpu.memory_gib * self.state.num_gpus
+        fits = sum(1 for r in self.rows if r["fits"])
+        self.summary.setText(
+            f"{model.label} on {self.state.num_gpus}× {gpu.label} ({gpu_total:.0f} GiB): "
+            f"{fits} of {len(self.rows)} formats fit entirely on the GPU. "
+            "Hover a cell for its formula; select a row to split layers between GPU and CPU."
+        )
+        self._show(self.rows)
+
+    def _show(self, rows: list[dict[str, Any]]) -> None:
+        selected = self.selected_format()
+        pal = self.theme.palette
+        self.table.setSortingEnabled(False)
+        self.table.setRowCount(len(rows))
+        for r, row in enumerate(rows):
+            if row["fits"]:
+                colour = pal.fits
+            elif row.get("cpu_layers", 0) and row.get("gpu_layers", 0) is not None and row.get("offload_fits", True):
+                colour = pal.offload
+            else:
+                colour = pal.nofit
+            for c, (_title, key) in enumerate(COLUMNS):
+                item = QTableWidgetItem(self._cell(row, key))
+                item.setBackground(QBrush(qcolor(colour)))
+                item.setForeground(QBrush(qcolor(pal.foreground)))
+                if key != "format":
+                    item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+                item.setToolTip(self._tooltip(row, key))
+                self.table.setItem(r, c, item)
+        self._update_chart(rows)
+        if rows:
+            names = [row["format"] for row in rows]
+            self.table.selectRow(names.index(selected) if selected in names else 0)
+        else:
+            self.slider.setRange(0, 0)
+            self.offload_text.setText("")
+            self.formula.setText("")
+
+    @staticmethod
+    def _cell(row: dict[str, Any], key: str) -> str:
+        if key == "format":
+            return str(row["format"]) + ("" if row.get("native", True) else "  ⚠")
+        if key == "bits_per_weight":
+            return f"{row[key]:.3f}"
+        if key == "fits":
+            if row["fits"]:
+                return "yes"
+            return "offload" if row.get("cpu_layers") and row.get("offload_fits", True) else "no"
+        if key == "layers":
+            return f"{row.get('gpu_layers', 0)} / {row.get('cpu_layers', 0)}"
+        if key == "decode_tokens_per_s":
+            value = row.get(key)
+            return "—" if not value else f"{value:,.1f}"
+        return f"{row[key]:.2f} GiB"
+
+    @staticmethod
+    def _tooltip(row: dict[str, Any], key: str) -> str:
+        formulas = row.get("formulas") or {}
+        part = {"weights_gib": "weights", "kv_cache_gib": "kv_cache", "activations_gib": "activations",
+                "overhead_gib": "overhead", "total_gib": "total", "decode_tokens_per_s": "decode",
+                "layers": "offload", "fits": "offload"}.get(key)
+        text = formulas.get(part, "") if part else ""
+        note = row.get("note") or ""
+        return "\n".join(t for t in (text, note) if t)
+
+    def _update_chart(self, rows: list[dict[str, Any]]) -> None:
+        x = list(range(len(rows)))
+        base = [0.0] * len(rows)
+        for bar, (key, _label) in zip(self.bars, PARTS):
+            heights = [float(r[key]) for r in rows]
+            bar.setOpts(x=x, height=heights, y0=list(base), width=0.7)
+            base = [b + h for b, h in zip(base, heights)]
+        axis = self.chart.getPlotItem().getAxis("bottom")
+        axis.setTicks([[(i, r["format"]) for i, r in enumerate(rows)]])
+        gpu = self.state.gpu
+        if gpu is not None:
+            self.gpu_line.setValue(gpu.memory_gib * self.state.num_gpus)
+        top = max(base + [self.gpu_line.value() if gpu is not None else 0.0, 1.0])
+        self.chart.setXRange(-0.6, max(len(rows) - 0.4, 0.6), padding=0)
+        self.chart.setYRange(0, top * 1.08, padding=0)
+
+    # ------------------------------------------------------------ offload
+    def selected_format(self) -> str | None:
+        rows = self.table.selectionModel().selectedRows() if self.table.selectionModel() else []
+        if not rows or rows[0].row() >= len(self.rows):
+            return None
+        return str(self.rows[rows[0].row()]["format"])
+
+    def _selected_row(self) -> dict[str, Any] | None:
+        name = self.selected_format()
+        return next((r for r in self.rows if r["format"] == name), None)
+
+    def _selection_changed(self) -> None:
+        row = self._selected_row()
+        if row is None:
+            return
+        layers = int(row.get("gpu_layers", 0)) + int(row.get("cpu_layers", 0))
+        self.offload_format.setText(str(row["format"]))
+        self.slider.blockSignals(True)
+        self.slider.setRange(0, layers)
+        self.slider.setValue(int(row.get("gpu_layers", 0)))
+        self.slider.blockSignals(False)
+        self._offload_changed(self.slider.value())
+
+    def _offload_changed(self, gpu_layers: int) -> None:
+        row = self._selected_row()
+        model, gpu = self.state.model, self.state.gpu
+        if row is None or model is None or gpu is None:
+            return
+        try:
+            split = backend.offload_split(model.source, gpu, row["format"], gpu_layers,
+                                          num_gpus=self.state.num_gpus, **self.params())
+        except ValueError as exc:
+            self.offload_text.setText(str(exc))
+            return
+        speed = split.get("decode_tokens_per_s")
+        lines = [
+            f"GPU: {split['gpu_layers']} layers, {split['gpu_gib']:.2f} GiB "
+            f"of {gpu.memory_gib * self.state.num_gpus:.1f} GiB",
+            f"CPU: {split['cpu_layers']} layers, {split['cpu_gib']:.2f} GiB of RAM",
+            f"Decode ≈ {speed:,.1f} tokens/s (batch 1)" if speed else "Decode speed: unknown bandwidth",
+        ]
+        if not split.get("fits", True):
+            lines.append(f"Does not fit: {split.get('reason', '')}")
+        self.offload_text.setText("\n".join(lines))
+        formulas = dict(row.get("formulas") or {})
+        formulas.update(split.get("formulas") or {})
+        self.formula.setText("\n".join(f"{k}: {v}" for k, v in formulas.items()))
+
+    def _restyle(self, *_: object) -> None:
+        pal = self.theme.palette
+        style_plot(self.chart, pal)
+        for bar, colour in zip(self.bars, pal.parts):
+            bar.setOpts(brush=pg.mkBrush(colour), pen=pg.mkPen(pal.background, width=1))
+        self.gpu_line.setPen(pg.mkPen(pal.modules["o"], width=2,
+                                      style=Qt.PenStyle.DashLine))
+        self.gpu_line.label.setColor(pal.foreground)
+        if self.rows:
+            self._show(self.rows)

@@ -1,0 +1,533 @@
+"""Quantize tab: method and settings → a `QuantJob`; Run starts `core.engine.run_quantization` on
+a worker thread; progress, ETA, the live per-layer error plot and the log follow its events."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import Qt, Signal, Slot
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPlainTextEdit,
+    QProgressBar,
+    QPushButton,
+    QScrollArea,
+    QSpinBox,
+    QSplitter,
+    QVBoxLayout,
+    QWidget,
+)
+
+from core.config import (
+    CALIBRATED_METHODS,
+    AWQConfig,
+    CalibConfig,
+    FourBitConfig,
+    FP8Config,
+    GPTQConfig,
+    Granularity,
+    LLMInt8Config,
+    QuantJob,
+    RTNConfig,
+    SmoothQuantConfig,
+)
+from core.events import Finished, LayerDone, Log, MemorySample, Progress, StageStarted
+
+from app import backend
+from app.resources import icon
+from app.state import AppState, ModelChoice
+from app.theme import ThemeManager
+from app.views.layer_plot import LayerErrorPlot, LayerPoint
+from app.worker import TaskRunner
+
+METHODS = [
+    ("rtn", "RTN — round to nearest (no calibration)"),
+    ("gptq", "GPTQ — Hessian-aware rounding"),
+    ("awq", "AWQ — activation-aware scales"),
+    ("nf4", "NF4 — bitsandbytes 4-bit NormalFloat"),
+    ("fp4", "FP4 — bitsandbytes 4-bit float"),
+    ("fp8", "FP8 — E4M3 / E5M2"),
+    ("smoothquant", "SmoothQuant — W8A8"),
+    ("llm_int8", "LLM.int8() — int8 + fp16 outliers"),
+]
+# Which settings rows each method uses (row keys of `QuantizeView._rows`).
+METHOD_ROWS = {
+    "rtn": ("bits", "granularity", "group_size", "sym", "clip"),
+    "gptq": ("bits", "granularity", "group_size", "sym", "damp", "act_order"),
+    "awq": ("bits", "group_size", "sym", "grid", "awq_clip"),
+    "nf4": ("blocksize", "double_quant"),
+    "fp4": ("blocksize", "double_quant"),
+    "fp8": ("fp8_fmt", "fp8_granularity"),
+    "smoothquant": ("alpha", "act_scheme"),
+    "llm_int8": ("threshold",),
+}
+LOG_LINES = 2000
+
+
+class QuantizeView(QWidget):
+    error = Signal(str, str)
+    status = Signal(str)
+    job_finished = Signal(object)  # QuantResult
+    open_output = Signal(str)
+
+    def __init__(self, state: AppState, theme: ThemeManager, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.state = state
+        self.theme = theme
+        self.runner = TaskRunner(self)
+        self.last_job: QuantJob | None = None
+        self.last_result: Any = None
+        self._t0 = 0.0
+        self._stage = ""
+        self._layers_total = 0
+
+        # ---------------- method and settings
+        self.method = QComboBox()
+        for key, label in METHODS:
+            self.method.addItem(label, key)
+        self.bits = QSpinBox()
+        self.bits.setRange(2, 8)
+        self.bits.setValue(4)
+        self.granularity = QComboBox()
+        for g in (Granularity.GROUP, Granularity.CHANNEL, Granularity.TENSOR):
+            self.granularity.addItem(g.value, g.value)
+        self.group_size = QComboBox()
+        self.group_size.setEditable(True)
+        for g in (32, 64, 128, 256):
+            self.group_size.addItem(str(g))
+        self.group_size.setCurrentText("128")
+        self.sym = QComboBox()
+        self.sym.addItem("symmetric", True)
+        self.sym.addItem("asymmetric (zero point)", False)
+        self.clip = QCheckBox("search clip ratio per group")
+        self.damp = QDoubleSpinBox()
+        self.damp.setDecimals(3)
+        self.damp.setRange(0.001, 0.5)
+        self.damp.setSingleStep(0.005)
+        self.damp.setValue(0.01)
+        self.act_order = QCheckBox("act-order (columns by Hessian diagonal)")
+        self.grid = QSpinBox()
+        self.grid.setRange(2, 100)
+        self.grid.setValue(20)
+        self.awq_clip = QCheckBox("clipping search")
+        self.awq_clip.setChecked(True)
+        self.blocksize = QComboBox()
+        for b in (32, 64, 128, 256):
+            self.blocksize.addItem(str(b), b)
+        self.blocksize.setCurrentIndex(1)
+        self.double_quant = QCheckBox("double quantization (quantize the absmax)")
+        self.fp8_fmt = QComboBox()
+        self.fp8_fmt.addItems(["e4m3", "e5m2"])
+        self.fp8_granularity = QComboBox()
+        self.fp8_granularity.addItems(["channel", "tensor"])
+        self.alpha = QDoubleSpinBox()
+        self.alpha.setRange(0.0, 1.0)
+        self.alpha.setSingleStep(0.05)
+        self.alpha.setValue(0.5)
+        self.act_scheme = QComboBox()
+        self.act_scheme.addItem("dynamic (per token)", "dynamic")
+        self.act_scheme.addItem("static (per tensor, calibrated)", "static")
+        self.threshold = QDoubleSpinBox()
+        self.threshold.setRange(0.1, 1000)
+        self.threshold.setValue(6.0)
+
+        self.settings_form = QFormLayout()
+        self.settings_form.addRow("Method", self.method)
+        self._rows: dict[str, QWidget] = {}
+        for key, label, widget in (
+            ("bits", "Bits", self.bits), ("granularity", "Granularity", self.granularity),
+            ("group_size", "Group size", self.group_size), ("sym", "Zero point", self.sym),
+            ("clip", "", self.clip), ("damp", "Damping", self.damp), ("act_order", "", self.act_order),
+            ("grid", "α grid", self.grid), ("awq_clip", "", self.awq_clip), ("blocksize", "Block size", self.blocksize),
+            ("double_quant", "", self.double_quant), ("fp8_fmt", "FP8 format", self.fp8_fmt),
+            ("fp8_granularity", "Scale", self.fp8_granularity), ("alpha", "α (migration)", self.alpha),
+            ("act_scheme", "Activations", self.act_scheme), ("threshold", "Outlier threshold", self.threshold),
+        ):
+            self.settings_form.addRow(label, widget)
+            self._rows[key] = widget
+
+        # ---------------- calibration
+        self.calib_source = QComboBox()
+        self.calib_source.addItem("built-in (Python docs)", "builtin")
+        self.calib_source.addItem("text / JSONL file…", "file")
+        self.calib_file = QLineEdit()
+        self.calib_file.setPlaceholderText("path to .txt or .jsonl")
+        self.samples = QSpinBox()
+        self.samples.setRange(1, 4096)
+        self.samples.setValue(128)
+        self.seq_len = QSpinBox()
+        self.seq_len.setRange(8, 32768)
+        self.seq_len.setValue(512)
+        self.calib_box = QGroupBox("Calibration")
+        cf = QFormLayout(self.calib_box)
+        cf.addRow("Source", self.calib_source)
+        cf.addRow("File", self.calib_file)
+        cf.addRow("Samples", self.samples)
+        cf.addRow("Sequence length", self.seq_len)
+        self.calib_source.currentIndexChanged.connect(self._calib_source_changed)
+
+        # ---------------- output
+        self.out_dir = QLineEdit()
+        self.out_dir.setPlaceholderText("output folder (must not exist unless overwrite)")
+        browse = QPushButton(icon("folder"), "")
+        browse.setToolTip("Choose the output folder")
+        browse.clicked.connect(self._browse_out)
+        out_row = QHBoxLayout()
+        out_row.addWidget(self.out_dir, 1)
+        out_row.addWidget(browse)
+        self.export = QComboBox()
+        self.export.setToolTip("Checkpoint layouts that can represent this method's output")
+        self.overwrite = QCheckBox("overwrite an existing folder")
+        out_box = QGroupBox("Output")
+        of = QFormLayout(out_box)
+        of.addRow("Folder", out_row)
+        of.addRow("Format", self.export)
+        of.addRow("", self.overwrite)
+
+        self.memory = QLabel()
+        self.memory.setWordWrap(True)
+        self.memory.setObjectName("Muted")
+
+        settings_box = QGroupBox("Method")
+        settings_box.setLayout(self.settings_form)
+        left = QWidget()
+        ll = QVBoxLayout(left)
+        ll.setContentsMargins(0, 0, 4, 0)
+        ll.addWidget(settings_box)
+        ll.addWidget(self.calib_box)
+        ll.addWidget(out_box)
+        ll.addWidget(self.memory)
+        ll.addStretch(1)
+        left_scroll = QScrollArea()
+        left_scroll.setWidget(left)
+        left_scroll.setWidgetResizable(True)
+        left_scroll.setMinimumWidth(340)
+
+        # ---------------- run panel
+        self.run_button = QPushButton(icon("run"), "Run")
+        self.run_button.setObjectName("Primary")
+        self.run_button.setToolTip("Start quantizing (Ctrl+R)")
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button = QPushButton(icon("stop"), "Cancel")
+        self.cancel_button.setObjectName("Danger")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.setToolTip("Stop after the current linear; nothing is written (Ctrl+.)")
+        self.cancel_button.clicked.connect(self.cancel)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self.stage = QLabel("Idle")
+        self.eta = QLabel("")
+        self.eta.setObjectName("Muted")
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        buttons.addWidget(self.progress, 1)
+        info = QHBoxLayout()
+        info.addWidget(self.stage, 1)
+        info.addWidget(self.eta)
+
+        self.plot = LayerErrorPlot(theme)
+        self.log = QPlainTextEdit()
+        self.log.setReadOnly(True)
+        self.log.setMaximumBlockCount(LOG_LINES)
+        self.log.setPlaceholderText("Events from the quantization job appear here.")
+        right_split = QSplitter(Qt.Orientation.Vertical)
+        right_split.addWidget(self.plot)
+        right_split.addWidget(self.log)
+        right_split.setStretchFactor(0, 3)
+        right_split.setStretchFactor(1, 1)
+        right = QWidget()
+        rl = QVBoxLayout(right)
+        rl.setContentsMargins(4, 0, 0, 0)
+        rl.addLayout(buttons)
+        rl.addLayout(info)
+        rl.addWidget(right_split, 1)
+
+        split = QSplitter(Qt.Orientation.Horizontal)
+        split.addWidget(left_scroll)
+        split.addWidget(right)
+        split.setStretchFactor(1, 1)
+        split.setSizes([380, 800])
+        layout = QVBoxLayout(self)
+        layout.addWidget(split)
+
+        # ---------------- wiring
+        self.method.currentIndexChanged.connect(self._method_changed)
+        for w in (self.bits, self.samples, self.seq_len):
+            w.valueChanged.connect(self._settings_changed)
+        for w in (self.granularity, self.sym, self.blocksize, self.fp8_fmt, self.fp8_granularity, self.act_scheme):
+            w.currentIndexChanged.connect(self._settings_changed)
+        self.group_size.currentTextChanged.connect(self._settings_changed)
+        self.double_quant.toggled.connect(self._settings_changed)
+        self.runner.event.connect(self._on_event)
+        self.runner.finished.connect(self._on_finished)
+        self.runner.failed.connect(self._on_failed)
+        self.runner.cancelled.connect(self._on_cancelled)
+        self.runner.running_changed.connect(self._running_changed)
+        state.model_changed.connect(self._model_changed)
+        state.gpu_changed.connect(self._settings_changed)
+        self._method_changed()
+        self._calib_source_changed()
+
+    # ------------------------------------------------------------ config
+    def method_key(self) -> str:
+        return str(self.method.currentData())
+
+    def set_method(self, key: str) -> None:
+        idx = self.method.findData(key)
+        if idx < 0:
+            raise ValueError(f"unknown method {key!r} (use one of {', '.join(k for k, _ in METHODS)})")
+        self.method.setCurrentIndex(idx)
+
+    def _group_size(self) -> int:
+        text = self.group_size.currentText().strip()
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"group size must be a whole number such as 128, got {text!r}") from None
+
+    def build_method_config(self) -> Any:
+        """The frozen config for the current settings; ValueError (from the config) when invalid."""
+        m = self.method_key()
+        if m == "rtn":
+            return RTNConfig(bits=self.bits.value(), group_size=self._group_size(), sym=self.sym.currentData(),
+                             granularity=self.granularity.currentData(), clip_search=self.clip.isChecked())
+        if m == "gptq":
+            return GPTQConfig(bits=self.bits.value(), group_size=self._group_size(), sym=self.sym.currentData(),
+                              granularity=self.granularity.currentData(), damp=self.damp.value(),
+                              act_order=self.act_order.isChecked())
+        if m == "awq":
+            return AWQConfig(bits=self.bits.value(), group_size=self._group_size(), sym=self.sym.currentData(),
+                             grid=self.grid.value(), clip=self.awq_clip.isChecked())
+        if m in ("nf4", "fp4"):
+            return FourBitConfig(quant_type=m, blocksize=int(self.blocksize.currentData()),
+                                 double_quant=self.double_quant.isChecked())
+        if m == "fp8":
+            return FP8Config(fmt=self.fp8_fmt.currentText(), granularity=self.fp8_granularity.currentText())
+        if m == "smoothquant":
+            return SmoothQuantConfig(alpha=self.alpha.value(), act_scheme=self.act_scheme.currentData())
+        return LLMInt8Config(threshold=self.threshold.value())
+
+    def build_calib(self) -> CalibConfig | None:
+        if self.method_key() not in CALIBRATED_METHODS:
+            return None
+        source = "builtin" if self.calib_source.currentData() == "builtin" else self.calib_file.text().strip()
+        if not source:
+            raise ValueError("choose a calibration file (.txt or .jsonl) or the built-in corpus")
+        return CalibConfig(source=source, samples=self.samples.value(), seq_len=self.seq_len.value())
+
+    def build_job(self) -> QuantJob:
+        model = self.state.model
+        if model is None or model.path is None:
+            raise ValueError("open a model folder with weights first (catalog entries can only be planned)")
+        if not model.has_weights:
+            raise ValueError(f"{model.path} has no safetensors weights; quantizing needs them")
+        out = self.out_dir.text().strip()
+        if not out:
+            raise ValueError("choose an output folder")
+        out_path = Path(out).expanduser()
+        if out_path.resolve() == model.path.resolve():
+            raise ValueError("the output folder must differ from the model folder")
+        export = self.export.currentData()
+        return QuantJob(model=model.path, out=out_path, method=self.build_method_config(), calib=self.build_calib(),
+                        export=export, overwrite=self.overwrite.isChecked())
+
+    # ------------------------------------------------------------ run
+    def run(self) -> bool:
+        if self.runner.running:
+            return False
+        try:
+            job = self.build_job()
+        except ValueError as exc:
+            self.error.emit("Cannot start", str(exc))
+            return False
+        self.last_job = job
+        self.last_result = None
+        self.plot.clear()
+        self.log.clear()
+        self._t0 = time.monotonic()
+        self._layers_total = 0
+        self.progress.setRange(0, 0)
+        self.stage.setText("Starting…")
+        self.eta.setText("")
+        self._append_log(f"quantize {job.model} → {job.out} ({job.method.method}, export {job.export or 'default'})")
+        self.runner.start(backend.run_quantization, job=job)
+        self.status.emit(f"Quantizing {job.model.name} with {job.method.method}…")
+        return True
+
+    def cancel(self) -> None:
+        if self.runner.running:
+            self.stage.setText("Cancelling…")
+            self.runner.cancel()
+
+    def runners(self) -> list[TaskRunner]:
+        return [self.runner]
+
+    def layer_points(self) -> list[LayerPoint]:
+        return list(self.plot.points)
+
+    @Slot(object)
+    def _on_event(self, ev: object) -> None:
+        if isinstance(ev, LayerDone):
+            self.plot.add_point(ev.name, ev.index, ev.metrics, ev.seconds)
+            self._layers_total = ev.total
+            done = ev.index + 1
+            self.progress.setRange(0, max(ev.total, 1))
+            self.progress.setValue(done)
+            self.stage.setText(f"{self._stage or 'quantize'}: linear {done}/{ev.total} — {ev.name}")
+            self._update_eta(done, ev.total)
+        elif isinstance(ev, Progress):
+            self._stage = ev.stage
+            if ev.total:
+                self.progress.setRange(0, ev.total)
+                self.progress.setValue(ev.done)
+                if ev.stage != "quantize":
+                    self.stage.setText(f"{ev.stage}: {ev.done}/{ev.total} {ev.message}".strip())
+        elif isinstance(ev, StageStarted):
+            self._stage = ev.stage
+            self.stage.setText(f"{ev.stage} {ev.message}".strip())
+            if ev.total:
+                self.progress.setRange(0, ev.total)
+                self.progress.setValue(0)
+            else:
+                self.progress.setRange(0, 0)
+            self._append_log(f"[{ev.stage}] {ev.message}".rstrip())
+        elif isinstance(ev, Log):
+            self._append_log(f"{ev.level}: {ev.message}")
+        elif isinstance(ev, MemorySample):
+            gpu = f", GPU {ev.gpu_gib:.2f} GiB" if ev.gpu_gib is not None else ""
+            self.eta.setToolTip(f"RSS {ev.rss_gib:.2f} GiB{gpu}")
+        elif isinstance(ev, Finished):
+            pass  # the function's return value arrives through `finished`
+
+    def _update_eta(self, done: int, total: int) -> None:
+        elapsed = time.monotonic() - self._t0
+        if done <= 0 or total <= 0:
+            return
+        remaining = elapsed / done * (total - done)
+        self.eta.setText(f"elapsed {_fmt_seconds(elapsed)} · ETA {_fmt_seconds(remaining)}")
+
+    @Slot(object)
+    def _on_finished(self, result: Any) -> None:
+        self.last_result = result
+        self.progress.setRange(0, 1)
+        self.progress.setValue(1)
+        seconds = getattr(result, "seconds", time.monotonic() - self._t0)
+        out = getattr(result, "output", None)
+        self.stage.setText(f"Done in {_fmt_seconds(seconds)} → {out}")
+        self.eta.setText(f"peak RSS {getattr(result, 'peak_rss_gib', float('nan')):.2f} GiB")
+        self._append_log(f"finished: {len(self.plot.points)} linears in {seconds:.1f} s, output {out}")
+        self.status.emit(f"Quantized into {out}")
+        self.job_finished.emit(result)
+
+    @Slot(object, str)
+    def _on_failed(self, exc: object, tb: str) -> None:
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self.stage.setText("Failed")
+        self._append_log(f"error: {exc}")
+        self.error.emit("Quantization failed", str(exc) or type(exc).__name__)
+
+    @Slot()
+    def _on_cancelled(self) -> None:
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self.stage.setText("Cancelled — nothing was written")
+        self.eta.setText("")
+        self._append_log("cancelled by user; partial output removed")
+        self.status.emit("Quantization cancelled")
+
+    @Slot(bool)
+    def _running_changed(self, running: bool) -> None:
+        self.run_button.setEnabled(not running)
+        self.cancel_button.setEnabled(running)
+        self.method.setEnabled(not running)
+
+    def _append_log(self, line: str) -> None:
+        self.log.appendPlainText(f"{time.strftime('%H:%M:%S')}  {line}")
+
+    # ------------------------------------------------------------ form updates
+    def _method_changed(self) -> None:
+        m = self.method_key()
+        used = METHOD_ROWS[m]
+        for key, widget in self._rows.items():
+            self.settings_form.setRowVisible(widget, key in used)
+        if m == "awq":
+            self.sym.setCurrentIndex(1)  # AWQ's usual layout is asymmetric with zero points
+        self.calib_box.setVisible(m in CALIBRATED_METHODS)
+        self._settings_changed()
+
+    def _calib_source_changed(self) -> None:
+        is_file = self.calib_source.currentData() == "file"
+        self.calib_file.setEnabled(is_file)
+        if is_file and not self.calib_file.text():
+            path, _ = QFileDialog.getOpenFileName(self, "Calibration text", "", "Text (*.txt *.jsonl);;All files (*)")
+            if path:
+                self.calib_file.setText(path)
+        self._settings_changed()
+
+    def _model_changed(self, choice: ModelChoice | None) -> None:
+        if choice is not None and choice.path is not None and not self.out_dir.text():
+            self.out_dir.setText(str(choice.path.parent / f"{choice.path.name}-{self.method_key()}"))
+        self._settings_changed()
+
+    def _browse_out(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Output folder (a new folder is created inside)")
+        if folder:
+            name = self.state.model.label if self.state.model else "model"
+            self.out_dir.setText(str(Path(folder) / f"{name}-{self.method_key()}"))
+
+    def _settings_changed(self, *_: object) -> None:
+        try:
+            config = self.build_method_config()
+        except ValueError as exc:
+            self.memory.setText(f"⚠ {exc}")
+            self.export.clear()
+            self.run_button.setEnabled(False)
+            return
+        self.run_button.setEnabled(not self.runner.running)
+        self._refresh_exports(config)
+        self._refresh_memory(config)
+
+    def _refresh_exports(self, config: Any) -> None:
+        current = self.export.currentData()
+        names = backend.exports_for(config)
+        default = backend.default_export_for(config)
+        self.export.blockSignals(True)
+        self.export.clear()
+        for name in names:
+            self.export.addItem(f"{name} (default)" if name == default else name, name)
+        idx = self.export.findData(current if current in names else default)
+        self.export.setCurrentIndex(max(idx, 0))
+        self.export.blockSignals(False)
+
+    def _refresh_memory(self, config: Any) -> None:
+        model = self.state.model
+        if model is None:
+            self.memory.setText("Open a model to see the memory this job needs.")
+            return
+        try:
+            calib = self.build_calib()
+        except ValueError:
+            calib = None
+        text = backend.quantize_memory_text(model.source, config, calib)
+        self.memory.setText(text)
+
+
+def _fmt_seconds(s: float) -> str:
+    s = max(0, int(round(s)))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {(s % 3600) // 60:02d} min"

@@ -1,0 +1,243 @@
+"""Results tab: what the last job produced, before/after perplexity and KL divergence (evaluated
+on a worker thread), the per-layer plot, and saving a report (JSON + PNG + HTML)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import Qt, Signal, Slot
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QSplitter,
+    QVBoxLayout,
+    QWidget,
+)
+
+from core.events import Progress, StageStarted
+
+from app import backend
+from app.report import build_report, write_report
+from app.resources import icon
+from app.state import AppState
+from app.theme import ThemeManager
+from app.views.layer_plot import LayerErrorPlot, LayerPoint
+from app.worker import TaskRunner
+
+
+class ResultsView(QWidget):
+    error = Signal(str, str)
+    status = Signal(str)
+    evaluated = Signal(object)
+
+    def __init__(self, state: AppState, theme: ThemeManager, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.state = state
+        self.job: Any = None
+        self.result: Any = None
+        self.evaluation: dict[str, Any] | None = None
+        self.runner = TaskRunner(self)
+
+        self.summary = QLabel("Run a quantization to see its results here.")
+        self.summary.setWordWrap(True)
+        self.summary.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+
+        self.seq_len = QSpinBox()
+        self.seq_len.setRange(16, 8192)
+        self.seq_len.setValue(256)
+        self.windows = QSpinBox()
+        self.windows.setRange(1, 1024)
+        self.windows.setValue(8)
+        self.auto = QCheckBox("evaluate automatically after each job")
+        self.auto.setChecked(True)
+        self.eval_button = QPushButton(icon("run"), "Evaluate before / after")
+        self.eval_button.setObjectName("Primary")
+        self.eval_button.clicked.connect(self.evaluate)
+        self.eval_button.setEnabled(False)
+        self.eval_cancel = QPushButton(icon("stop"), "Cancel")
+        self.eval_cancel.setEnabled(False)
+        self.eval_cancel.clicked.connect(self.runner.cancel)
+        self.eval_progress = QProgressBar()
+        self.eval_progress.setRange(0, 1)
+        self.eval_progress.setValue(0)
+
+        self.ppl_before = QLabel("—")
+        self.ppl_after = QLabel("—")
+        self.ppl_change = QLabel("—")
+        self.kl = QLabel("—")
+        for lab in (self.ppl_before, self.ppl_after, self.ppl_change, self.kl):
+            lab.setObjectName("Heading")
+        metrics = QGroupBox("Quality (built-in text)")
+        mf = QFormLayout(metrics)
+        mf.addRow("Perplexity before", self.ppl_before)
+        mf.addRow("Perplexity after", self.ppl_after)
+        mf.addRow("Change", self.ppl_change)
+        mf.addRow("KL divergence (nats/token)", self.kl)
+        controls = QHBoxLayout()
+        controls.addWidget(QLabel("Windows"))
+        controls.addWidget(self.windows)
+        controls.addWidget(QLabel("× tokens"))
+        controls.addWidget(self.seq_len)
+        mf.addRow(controls)
+        mf.addRow(self.auto)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.eval_button)
+        buttons.addWidget(self.eval_cancel)
+        mf.addRow(buttons)
+        mf.addRow(self.eval_progress)
+
+        self.save_button = QPushButton(icon("save"), "Save report…")
+        self.save_button.setToolTip("report.json, layers.png and report.html into a folder (Ctrl+E)")
+        self.save_button.clicked.connect(self._ask_save)
+        self.save_button.setEnabled(False)
+        self.save_plot_button = QPushButton(icon("save"), "Save plot PNG…")
+        self.save_plot_button.clicked.connect(self._ask_save_plot)
+        self.save_plot_button.setEnabled(False)
+        save_row = QHBoxLayout()
+        save_row.addWidget(self.save_button)
+        save_row.addWidget(self.save_plot_button)
+        save_row.addStretch(1)
+
+        left = QWidget()
+        ll = QVBoxLayout(left)
+        ll.addWidget(self.summary)
+        ll.addWidget(metrics)
+        ll.addLayout(save_row)
+        ll.addStretch(1)
+        self.plot = LayerErrorPlot(theme)
+        split = QSplitter(Qt.Orientation.Horizontal)
+        split.addWidget(left)
+        split.addWidget(self.plot)
+        split.setStretchFactor(1, 1)
+        split.setSizes([380, 800])
+        layout = QVBoxLayout(self)
+        layout.addWidget(split)
+
+        self.runner.event.connect(self._on_event)
+        self.runner.finished.connect(self._on_evaluated)
+        self.runner.failed.connect(self._on_failed)
+        self.runner.cancelled.connect(self._on_cancelled)
+        self.runner.running_changed.connect(self._running_changed)
+
+    def runners(self) -> list[TaskRunner]:
+        return [self.runner]
+
+    # ------------------------------------------------------------ job
+    def set_job(self, job: Any, result: Any, points: list[LayerPoint]) -> None:
+        self.job, self.result, self.evaluation = job, result, None
+        self.plot.set_points(points)
+        out = getattr(result, "output", None)
+        errors = [p.metrics.get("rel_error") for p in points if p.metrics.get("rel_error") is not None]
+        sqnr = [p.metrics.get("sqnr_db") for p in points if math.isfinite(p.metrics.get("sqnr_db", math.nan))]
+        lines = [
+            f"<b>{getattr(result, 'method', '?')}</b> → {out}",
+            f"Export: {getattr(result, 'export', '?')}",
+            f"{len(points)} linears in {getattr(result, 'seconds', 0.0):.1f} s, "
+            f"peak RSS {getattr(result, 'peak_rss_gib', math.nan):.2f} GiB",
+        ]
+        src, dst = getattr(result, "source_gib", 0.0), getattr(result, "output_gib", 0.0)
+        if src and dst:
+            lines.append(f"Size {src:.3f} GiB → {dst:.3f} GiB ({src / dst:.2f}× smaller)")
+        if errors:
+            lines.append(f"Relative error mean {sum(errors) / len(errors):.4f}, worst {max(errors):.4f}")
+        if sqnr:
+            lines.append(f"SQNR mean {sum(sqnr) / len(sqnr):.1f} dB, worst {min(sqnr):.1f} dB")
+        self.summary.setText("<br>".join(lines))
+        for lab in (self.ppl_before, self.ppl_after, self.ppl_change, self.kl):
+            lab.setText("—")
+        self.eval_button.setEnabled(out is not None)
+        self.save_button.setEnabled(True)
+        self.save_plot_button.setEnabled(True)
+        if self.auto.isChecked() and out is not None:
+            self.evaluate()
+
+    # ------------------------------------------------------------ evaluation
+    def evaluate(self) -> bool:
+        if self.job is None or self.result is None:
+            self.error.emit("Nothing to evaluate", "Run a quantization first.")
+            return False
+        self.eval_progress.setRange(0, 0)
+        self.runner.start(backend.evaluate_before_after, original=Path(self.job.model),
+                          quantized=Path(self.result.output), seq_len=self.seq_len.value(),
+                          windows=self.windows.value())
+        self.status.emit("Evaluating perplexity before and after…")
+        return True
+
+    @Slot(object)
+    def _on_event(self, ev: object) -> None:
+        if isinstance(ev, Progress) and ev.total:
+            self.eval_progress.setRange(0, ev.total)
+            self.eval_progress.setValue(ev.done)
+        elif isinstance(ev, StageStarted) and ev.message:
+            self.eval_progress.setFormat(f"{ev.message} %p%")
+
+    @Slot(object)
+    def _on_evaluated(self, ev: dict[str, Any]) -> None:
+        self.evaluation = ev
+        self.eval_progress.setRange(0, 1)
+        self.eval_progress.setValue(1)
+        self.eval_progress.setFormat("done")
+        self.ppl_before.setText(f"{ev['perplexity_before']:.3f}")
+        self.ppl_after.setText(f"{ev['perplexity_after']:.3f}")
+        change = ev.get("perplexity_change_pct")
+        self.ppl_change.setText("—" if change is None else f"{change:+.2f} %")
+        kl = ev.get("kl_divergence")
+        self.kl.setText("—" if kl is None else f"{kl:.5f}")
+        self.status.emit(f"Perplexity {ev['perplexity_before']:.2f} → {ev['perplexity_after']:.2f}")
+        self.evaluated.emit(ev)
+
+    @Slot(object, str)
+    def _on_failed(self, exc: object, _tb: str) -> None:
+        self.eval_progress.setRange(0, 1)
+        self.eval_progress.setValue(0)
+        self.eval_progress.setFormat("failed")
+        self.error.emit("Evaluation failed", str(exc) or type(exc).__name__)
+
+    @Slot()
+    def _on_cancelled(self) -> None:
+        self.eval_progress.setRange(0, 1)
+        self.eval_progress.setValue(0)
+        self.eval_progress.setFormat("cancelled")
+
+    @Slot(bool)
+    def _running_changed(self, running: bool) -> None:
+        self.eval_button.setEnabled(not running and self.result is not None)
+        self.eval_cancel.setEnabled(running)
+
+    # ------------------------------------------------------------ saving
+    def report(self) -> dict[str, Any]:
+        return build_report(self.job, self.result, [p.to_json() for p in self.plot.points], self.evaluation)
+
+    def save_report(self, folder: Path) -> dict[str, Path] | None:
+        if self.job is None:
+            self.error.emit("No report yet", "Run a quantization first; the report describes that run.")
+            return None
+        folder.mkdir(parents=True, exist_ok=True)
+        png = folder / "layers.png"
+        if not self.plot.save_png(str(png)):
+            png = None
+        try:
+            paths = write_report(folder, self.report(), png)
+        except OSError as exc:
+            self.error.emit("Cannot save the report", f"{folder}: {exc}")
+            return None
+        self.status.emit(f"Report saved in {folder}")
+        return paths
+
+    def _ask_save(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Save the report into a folder")
+        if folder:
+            self.save_report(Path(folder))
+
+    def _ask_save_plot(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save the plot", "layers.png", "PNG (*.png)")
+        if path and not self.plot.save_png(path):
+            self.error.emit("Cannot save the plot", f"could not write {path}")
