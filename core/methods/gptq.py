@@ -254,6 +254,18 @@ class GPTQQuantizer:
             raise ValueError("GPTQ needs calibration inputs; pass --calib builtin or a text file")
         results: dict[str, IntWeight] = {}
         metrics = ctx.extra.setdefault("metrics", {})
+        # The layer is handed back with its float weights: the engine measures the error against
+        # them and decides itself what feeds the next layer.
+        originals = {n: lin.weight.detach().clone() for n, lin in ctx.linears.items()}
+        try:
+            self._quantize_groups(ctx, results, metrics)
+        finally:
+            with torch.no_grad():
+                for n, w in originals.items():
+                    ctx.linears[n].weight.copy_(w)
+        return results
+
+    def _quantize_groups(self, ctx: LayerContext, results: dict[str, IntWeight], metrics: dict) -> None:
         for group in input_groups(ctx):
             check_cancel(ctx.cancel)
             t0 = time.perf_counter()
@@ -282,7 +294,6 @@ class GPTQQuantizer:
                     metrics.setdefault(n, {}).update({"gptq_loss": loss, "damp": res.damp})
             gptq.free()
             log.debug("GPTQ %s: %.2fs", _qualified(ctx, "+".join(group)), time.perf_counter() - t0)
-        return results
 
 
 def _qualified(ctx: LayerContext, name: str) -> str:

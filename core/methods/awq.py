@@ -1,0 +1,360 @@
+"""AWQ: activation-aware weight quantization (Lin et al., 2023).
+
+Channels that see large activations matter more, so before rounding each input channel j of a
+group of linears is multiplied by s_j = mean|x_j|^α (normalised by sqrt(max·min)) and the inverse
+is folded into whatever produced the input — the preceding norm (q/k/v, gate/up) or the preceding
+linear (v → o, up → down) — which leaves the float function unchanged. α is picked from a grid by
+the output error of the block the linears belong to. Then each weight group's clipping range is
+searched against the output error of that group, and the result is rounded on the
+`core.primitives` grid.
+
+Blocks used for the α search:
+  q/k/v    the q/k/v outputs (attention itself needs rotary/mask state only the engine has);
+  o        o_proj's output; its scale lives on v_proj's output channels. With GQA, v_proj has
+           kv_heads·head_dim outputs and o_proj reads num_heads·head_dim: one scale per v channel,
+           repeated for every query head of its kv group (as AWQ does);
+  gate/up  the whole MLP output (non-linear, so evaluated on a token subsample);
+  down     down_proj's output, scale folded into up_proj's rows.
+Linear blocks are scored exactly on all calibration tokens through the Gram matrix XᵀX:
+‖X(W − Ŵ)ᵀ‖² = tr((W − Ŵ) XᵀX (W − Ŵ)ᵀ).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from core.config import AWQConfig, Granularity
+from core.events import Log, check_cancel
+from core.methods.base import LayerContext, register
+from core.methods.capture import InputGroup, layer_groups
+from core.methods.rtn import source_dtype
+from core.primitives import CLIP_RATIOS, choose_qparams, dequantize_affine, quantize_affine, resolve_group_size
+from core.qtensors import IntWeight
+
+log = logging.getLogger(__name__)
+
+# Tokens kept per layer for scoring the MLP block; enough for a stable ranking of 20 ratios while
+# keeping 20 MLP evaluations cheap on a CPU.
+SEARCH_TOKENS = 2048
+
+# Producer of a linear's input when it is another linear of the same parent module.
+_PREVIOUS_LINEAR = {"o_proj": "v_proj", "down_proj": "up_proj", "out_proj": "v_proj", "dense_4h_to_h": "dense_h_to_4h"}
+
+# Clipping the q/k projections barely changes their outputs but distorts attention scores;
+# AWQ leaves them unclipped.
+_NO_CLIP = ("q_proj", "k_proj")
+
+
+@dataclass
+class _Stats:
+    """Input statistics of one group over the calibration set (post-fold values after `scale`)."""
+
+    abs_sum: torch.Tensor
+    gram: torch.Tensor
+    count: int = 0
+    sample: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return self.abs_sum / max(self.count, 1)
+
+    def divide(self, s: torch.Tensor) -> None:
+        """The producer was divided by s: every input channel j becomes x_j / s_j."""
+        self.abs_sum = self.abs_sum / s
+        self.gram = self.gram / s[:, None] / s[None, :]
+        self.sample = [x / s for x in self.sample]
+
+
+def _collect(ctx: LayerContext, groups: list[InputGroup]) -> dict[int, _Stats]:
+    """One pass of the float layer over all calibration batches: per group mean|x|, XᵀX and a
+    token subsample (the same random positions for every group)."""
+    stats: dict[int, _Stats] = {}
+    targets: dict[nn.Module, int] = {}
+    for gi, g in enumerate(groups):
+        lin = ctx.module.get_submodule(g.readers[0])
+        n_in = lin.in_features
+        stats[gi] = _Stats(torch.zeros(n_in, dtype=torch.float64), torch.zeros(n_in, n_in, dtype=torch.float32))
+        targets[lin] = gi
+    batches = ctx.inputs or []
+    gen = torch.Generator().manual_seed(ctx.index)
+    per_batch = max(1, math.ceil(SEARCH_TOKENS / max(len(batches), 1)))
+    pick: list[torch.Tensor] = []
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        st = stats[targets[module]]
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        st.abs_sum += x.abs().sum(dim=0, dtype=torch.float64)
+        st.count += x.shape[0]
+        st.gram.addmm_(x.t(), x)
+        st.sample.append(x[pick[0]].clone())
+
+    handles = [m.register_forward_pre_hook(hook) for m in targets]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                check_cancel(ctx.cancel)
+                tokens = batch.shape[0] * batch.shape[1]
+                pick[:] = [torch.randperm(tokens, generator=gen)[:per_batch]]
+                ctx.forward(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    for st in stats.values():
+        st.sample = [torch.cat(st.sample)] if st.sample else []
+    return stats
+
+
+def _fake_quant(w: torch.Tensor, cfg: AWQConfig, gs: int) -> torch.Tensor:
+    scale, zero = choose_qparams(w, cfg.bits, cfg.sym, cfg.granularity, gs)
+    return dequantize_affine(quantize_affine(w, scale, zero, cfg.bits, gs), scale, zero, gs)
+
+
+def _gram_error(d: torch.Tensor, gram: torch.Tensor) -> float:
+    """tr(D G Dᵀ) for D [out, in]: the summed squared output error on the calibration tokens."""
+    return float((d @ gram * d).sum())
+
+
+class _Layer:
+    """The decoder layer being quantized and the bits of structure AWQ needs from it."""
+
+    def __init__(self, ctx: LayerContext, cfg: AWQConfig) -> None:
+        self.ctx = ctx
+        self.cfg = cfg
+        self.module = ctx.module
+
+    def linear(self, rel: str) -> nn.Linear:
+        return self.module.get_submodule(rel)
+
+    def group_size(self, rel: str) -> int:
+        return resolve_group_size(self.linear(rel).in_features, self.cfg.granularity, self.cfg.group_size,
+                                  _qualified(self.ctx, rel))
+
+    def quantized_readers(self, g: InputGroup) -> list[str]:
+        return [n for n in g.readers if n in self.ctx.linears]
+
+    def previous_linear(self, g: InputGroup) -> str | None:
+        if len(g.readers) != 1:
+            return None
+        parent, _, leaf = g.readers[0].rpartition(".")
+        prev = _PREVIOUS_LINEAR.get(leaf)
+        if prev is None:
+            return None
+        full = f"{parent}.{prev}" if parent else prev
+        try:
+            return full if isinstance(self.module.get_submodule(full), nn.Linear) else None
+        except AttributeError:
+            return None
+
+    def mlp_block(self, g: InputGroup) -> nn.Module | None:
+        """The parent module when it is an MLP and the group reads the MLP's own input (gate/up,
+        not down)."""
+        parent = g.readers[0].rpartition(".")[0]
+        if not parent or g.norm is None:
+            return None
+        module = self.module.get_submodule(parent)
+        if "mlp" not in type(module).__name__.lower() or not all(r.startswith(parent + ".") for r in g.readers):
+            return None
+        return module
+
+
+def _qualified(ctx: LayerContext, rel: str) -> str:
+    return f"{ctx.prefix}.{rel}" if ctx.prefix else rel
+
+
+def _gqa_expand(layer: _Layer, prev: str, reader: str) -> tuple[int, int] | None:
+    """(kv_channels, repeat) mapping the producer's output channels onto the reader's inputs,
+    or None when the shapes do not allow scaling through (then the pair is left unscaled)."""
+    v_out = layer.linear(prev).out_features
+    o_in = layer.linear(reader).in_features
+    if v_out == o_in:
+        return v_out, 1
+    attn = layer.module.get_submodule(prev.rpartition(".")[0]) if "." in prev else layer.module
+    head_dim = getattr(attn, "head_dim", None)
+    if not head_dim or o_in % v_out or v_out % head_dim:
+        return None
+    return v_out, o_in // v_out
+
+
+def _expand(s_v: torch.Tensor, head_dim: int, repeat: int) -> torch.Tensor:
+    """Per-v-channel scales [kv·hd] → per-o-input scales [kv·repeat·hd]; query head h reads kv head
+    h // repeat (transformers' repeat_kv)."""
+    if repeat == 1:
+        return s_v
+    kv = s_v.numel() // head_dim
+    return s_v.view(kv, 1, head_dim).expand(kv, repeat, head_dim).reshape(-1)
+
+
+def _reduce(x_in: torch.Tensor, head_dim: int, repeat: int) -> torch.Tensor:
+    """Per-o-input statistic → per-v-channel, averaging over the query heads sharing a kv head."""
+    if repeat == 1:
+        return x_in
+    kv = x_in.numel() // (head_dim * repeat)
+    return x_in.view(kv, repeat, head_dim).mean(dim=1).reshape(-1)
+
+
+def _candidates(mean_abs: torch.Tensor, grid: int) -> list[tuple[float, torch.Tensor]]:
+    x = mean_abs.float().clamp(min=1e-8)
+    out = []
+    for i in range(grid):
+        ratio = i / grid
+        s = x.pow(ratio).clamp(min=1e-4)
+        s = s / torch.sqrt(s.max() * s.min())
+        out.append((ratio, s))
+    return out
+
+
+def _search_scale(layer: _Layer, g: InputGroup, st: _Stats, expand: tuple[int, int] | None) -> tuple[float, torch.Tensor]:
+    """Best (ratio, s) for group g; s lives on the producer's channels (v's for GQA)."""
+    cfg = layer.cfg
+    readers = layer.quantized_readers(g)
+    head_dim, repeat = 1, 1
+    if expand is not None and expand[1] > 1:
+        prev = layer.previous_linear(g)
+        attn = layer.module.get_submodule(prev.rpartition(".")[0])
+        head_dim, repeat = int(attn.head_dim), expand[1]
+    mean_abs = _reduce(st.mean_abs, head_dim, repeat)
+    block = layer.mlp_block(g)
+    weights = {n: layer.linear(n).weight.detach().float() for n in readers}
+    ref = None
+    sample = st.sample[0] if st.sample else None
+    if block is not None and sample is not None:
+        with torch.no_grad():
+            ref = block(sample[None])
+    best: tuple[float, float, torch.Tensor] = (0.0, math.inf, torch.ones_like(mean_abs))
+    for ratio, s_v in _candidates(mean_abs, cfg.grid):
+        check_cancel(layer.ctx.cancel)
+        s = _expand(s_v, head_dim, repeat)
+        approx = {n: _fake_quant(w * s, cfg, layer.group_size(n)) / s for n, w in weights.items()}
+        if ref is not None:
+            err = _block_error(block, approx, layer, sample, ref, g.readers[0].rpartition(".")[0])
+        else:
+            err = sum(_gram_error(weights[n] - approx[n], st.gram) for n in readers)
+        if err < best[1]:
+            best = (ratio, err, s_v)
+    return best[0], best[2]
+
+
+def _block_error(block: nn.Module, approx: dict[str, torch.Tensor], layer: _Layer, sample: torch.Tensor,
+                 ref: torch.Tensor, parent: str) -> float:
+    saved = {}
+    try:
+        for n, w in approx.items():
+            lin = layer.linear(n)
+            saved[n] = lin.weight.data
+            lin.weight.data = w
+        with torch.no_grad():
+            out = block(sample[None])
+    finally:
+        for n, w in saved.items():
+            layer.linear(n).weight.data = w
+    return float((out - ref).square().sum())
+
+
+def _fold(layer: _Layer, g: InputGroup, s_v: torch.Tensor, expand: tuple[int, int] | None) -> torch.Tensor:
+    """Divide the producer by s and multiply every reader's input columns by s. Returns the scale
+    on the readers' input channels."""
+    with torch.no_grad():
+        if g.norm is not None:
+            norm = layer.module.get_submodule(g.norm)
+            norm.weight.div_(s_v.to(norm.weight.dtype))
+            if getattr(norm, "bias", None) is not None:
+                norm.bias.div_(s_v.to(norm.bias.dtype))
+            s = s_v
+        else:
+            prev = layer.linear(layer.previous_linear(g))
+            s = s_v
+            if expand is not None and expand[1] > 1:
+                attn = layer.module.get_submodule(layer.previous_linear(g).rpartition(".")[0])
+                s = _expand(s_v, int(attn.head_dim), expand[1])
+            prev.weight.div_(s_v[:, None].to(prev.weight.dtype))
+            if prev.bias is not None:
+                prev.bias.div_(s_v.to(prev.bias.dtype))
+        for n in g.readers:
+            lin = layer.linear(n)
+            lin.weight.mul_(s[None, :].to(lin.weight.dtype))
+    return s
+
+
+def _clip_and_quantize(w: torch.Tensor, gram: torch.Tensor, cfg: AWQConfig, gs: int, clip: bool,
+                       dtype: torch.dtype) -> IntWeight:
+    """Per group, the clip ratio of CLIP_RATIOS whose rounding error has the smallest output
+    error on the calibration inputs ((w − ŵ)ᵀ X_gᵀX_g (w − ŵ) per row and group)."""
+    out_f, n_in = w.shape
+    scale, zero = choose_qparams(w, cfg.bits, cfg.sym, cfg.granularity, gs)
+    if clip and cfg.granularity is not Granularity.TENSOR:
+        n_groups = n_in // gs
+        blocks = torch.stack([gram[g * gs:(g + 1) * gs, g * gs:(g + 1) * gs] for g in range(n_groups)])
+        wg = w.view(out_f, n_groups, gs)
+        lo = wg.amin(dim=-1).clamp(max=0)
+        hi = wg.amax(dim=-1).clamp(min=0)
+        best = torch.full((out_f, n_groups), math.inf)
+        for ratio in CLIP_RATIOS:
+            clipped = torch.maximum(torch.minimum(wg, (hi * ratio)[..., None]), (lo * ratio)[..., None])
+            s, z = choose_qparams(clipped.reshape(out_f, n_in), cfg.bits, cfg.sym, cfg.granularity, gs)
+            d = (w - dequantize_affine(quantize_affine(w, s, z, cfg.bits, gs), s, z, gs)).view(out_f, n_groups, gs)
+            err = (torch.einsum("ogi,gij->ogj", d, blocks) * d).sum(dim=-1)
+            better = err < best
+            best = torch.where(better, err, best)
+            scale = torch.where(better, s, scale)
+            zero = torch.where(better, z, zero)
+    codes = quantize_affine(w, scale, zero, cfg.bits, gs)
+    return IntWeight(codes=codes, scale=scale.float(), zero=zero.to(torch.int32), bits=cfg.bits,
+                     group_size=gs, sym=cfg.sym, dtype=dtype)
+
+
+@register(AWQConfig)
+class AWQQuantizer:
+    needs_calibration = True
+
+    def __init__(self, config: AWQConfig) -> None:
+        self.config = config
+
+    def quantize_layer(self, ctx: LayerContext) -> dict[str, IntWeight]:
+        cfg = self.config
+        groups, stats = search_and_fold(ctx, cfg)
+        layer = _Layer(ctx, cfg)
+        result: dict[str, IntWeight] = {}
+        for gi, g in enumerate(groups):
+            for n in g.names:
+                check_cancel(ctx.cancel)
+                lin = layer.linear(n)
+                clip = cfg.clip and not any(n.endswith(p) for p in _NO_CLIP)
+                result[n] = _clip_and_quantize(lin.weight.detach().float(), stats[gi].gram, cfg,
+                                               layer.group_size(n), clip, source_dtype(ctx, lin.weight))
+        return result
+
+
+def search_and_fold(ctx: LayerContext, cfg: AWQConfig) -> tuple[list[InputGroup], dict[int, _Stats]]:
+    """Search every group's scales and fold them into the layer in place (the float function is
+    unchanged). Returns the groups and their input statistics, already divided by the scales."""
+    if not ctx.inputs or ctx.forward is None:
+        raise ValueError("AWQ needs calibration inputs; pass --calib builtin or a text file")
+    layer = _Layer(ctx, cfg)
+    groups = layer_groups(ctx)
+    for g in groups:
+        for n in g.names:
+            layer.group_size(n)  # fail on a bad group size before any work
+    stats = _collect(ctx, groups)
+    metrics = ctx.extra.setdefault("metrics", {})
+    for gi, g in enumerate(groups):
+        check_cancel(ctx.cancel)
+        if not layer.quantized_readers(g):
+            continue
+        prev = layer.previous_linear(g) if g.norm is None else None
+        expand = _gqa_expand(layer, prev, g.readers[0]) if prev is not None else None
+        if g.norm is None and (prev is None or expand is None):
+            msg = (f"AWQ {_qualified(ctx, '+'.join(g.readers))}: no norm or linear with matching shape "
+                   "feeds this input; quantized without scaling")
+            log.info(msg)
+            ctx.sink(Log("info", msg))
+            continue
+        ratio, s_v = _search_scale(layer, g, stats[gi], expand)
+        s = _fold(layer, g, s_v, expand)
+        stats[gi].divide(s)
+        for n in layer.quantized_readers(g):
+            metrics.setdefault(n, {})["awq_ratio"] = ratio
+    return groups, stats
