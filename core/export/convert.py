@@ -167,6 +167,7 @@ def write_quantized(
             raise ValueError(f"no linear weight of {source_dir} was quantized; nothing to export as {export_format}")
         qc = exporter.quantization_config(method_config, quantized, sorted(set(ignored)))
         config = output_config(src.config, qc, dtype)
+        write_extra_files(writer, exporter, qc)
         report = {"export": export_format, "source": str(src.path), "quantized": len(quantized),
                   "versions": package_versions()}
         return writer.finish(config=config, report=report, source=src.path)
@@ -213,9 +214,20 @@ def relayout(
             raise ValueError(f"{src.path} has a quantization_config but no quantized weights were found")
         qc = exporter.quantization_config(method_config, quantized, ignored)
         config = output_config(src.config, qc, dtype)
+        write_extra_files(writer, exporter, qc)
         report = {"export": export_format, "source": str(src.path), "quantized": len(quantized),
                   "versions": package_versions()}
         return writer.finish(config=config, report=report, source=src.path)
+
+
+def write_extra_files(writer: OutputWriter, exporter: Exporter, quantization_config: dict) -> None:
+    """Files some layouts add beside config.json (GPTQ's quantize_config.json, AutoAWQ's
+    quant_config.json), from the exporter's optional `extra_files`."""
+    extra = getattr(exporter, "extra_files", None)
+    if extra is None:
+        return
+    for name, text in extra(quantization_config).items():
+        (writer.tmp / name).write_text(text)
 
 
 def rtn_quantizer(method_config: RTNConfig, skip: tuple[str, ...] = ("lm_head", "embed_tokens")
