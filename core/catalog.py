@@ -7,7 +7,7 @@ works for models that are not downloaded.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from core.resources import load_json_resource

@@ -139,27 +139,39 @@ def check_config(config: dict[str, Any], where: str = "config.json") -> None:
         )
 
 
+def _moe_style(cfg: dict[str, Any]) -> str:
+    """"deepseek", "qwen" (moe_intermediate_size, optional shared expert), "mixtral" or ""."""
+    if cfg.get("n_routed_experts"):
+        return "deepseek"
+    # transformers 5 serialises Qwen-MoE's num_experts as num_local_experts too; the expert size tells them apart.
+    if cfg.get("num_experts") or cfg.get("num_local_experts"):
+        return "qwen" if cfg.get("moe_intermediate_size") else "mixtral"
+    return ""
+
+
 def _moe_geometry(cfg: dict[str, Any]) -> tuple[int, int, int, int]:
     """(routed experts, experts per token, expert intermediate size, shared-expert intermediate)."""
-    mt = cfg.get("model_type", "")
-    if cfg.get("num_local_experts"):  # Mixtral
-        return int(cfg["num_local_experts"]), int(cfg.get("num_experts_per_tok", 2)), int(cfg["intermediate_size"]), 0
-    if cfg.get("n_routed_experts"):  # DeepSeek-V2/V3
+    style = _moe_style(cfg)
+    experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
+    if style == "mixtral":
+        return experts, int(cfg.get("num_experts_per_tok", 2)), int(cfg["intermediate_size"]), 0
+    if style == "deepseek":
         moe_i = int(cfg["moe_intermediate_size"])
         return (int(cfg["n_routed_experts"]), int(cfg.get("num_experts_per_tok", 1)), moe_i,
                 moe_i * int(cfg.get("n_shared_experts") or 0))
-    if cfg.get("num_experts") and "moe" in mt:  # Qwen2-MoE / Qwen3-MoE
-        return (int(cfg["num_experts"]), int(cfg.get("num_experts_per_tok", 1)), int(cfg["moe_intermediate_size"]),
+    if style == "qwen":
+        return (experts, int(cfg.get("num_experts_per_tok", 1)), int(cfg["moe_intermediate_size"]),
                 int(cfg.get("shared_expert_intermediate_size") or 0))
     return 0, 0, 0, 0
 
 
 def _is_moe_layer(cfg: dict[str, Any], i: int) -> bool:
-    if cfg.get("num_local_experts"):
+    style = _moe_style(cfg)
+    if style == "mixtral":
         return True
-    if cfg.get("n_routed_experts"):
+    if style == "deepseek":
         return i >= int(cfg.get("first_k_dense_replace", 0)) and i % int(cfg.get("moe_layer_freq", 1)) == 0
-    if cfg.get("num_experts") and "moe" in cfg.get("model_type", ""):
+    if style == "qwen":
         step = int(cfg.get("decoder_sparse_step", 1) or 1)
         return i not in (cfg.get("mlp_only_layers") or []) and (i + 1) % step == 0
     return False
@@ -279,7 +291,7 @@ def tensors_from_config(cfg: dict[str, Any]) -> list[TensorSpec]:
             if qk_norm:
                 specs += [(a + "q_norm.weight", (hd,)), (a + "k_norm.weight", (hd,))]
         if n_exp and _is_moe_layer(cfg, i):
-            if cfg.get("num_local_experts"):
+            if _moe_style(cfg) == "mixtral":
                 e = p + "block_sparse_moe."
                 specs += [(e + "gate.weight", (n_exp, H)), (e + "experts.w1.weight", (n_exp, moe_i, H)),
                           (e + "experts.w3.weight", (n_exp, moe_i, H)), (e + "experts.w2.weight", (n_exp, H, moe_i))]
