@@ -31,6 +31,7 @@ from core.config import AWQConfig, Granularity
 from core.events import Log, check_cancel
 from core.methods.base import LayerContext, register
 from core.methods.capture import InputGroup, layer_groups
+from core.methods.folding import Producer, fold, producer_of
 from core.methods.rtn import source_dtype
 from core.primitives import CLIP_RATIOS, choose_qparams, dequantize_affine, quantize_affine, resolve_group_size
 from core.qtensors import IntWeight
@@ -40,9 +41,6 @@ log = logging.getLogger(__name__)
 # Tokens kept per layer for scoring the MLP block; enough for a stable ranking of 20 ratios while
 # keeping 20 MLP evaluations cheap on a CPU.
 SEARCH_TOKENS = 2048
-
-# Producer of a linear's input when it is another linear of the same parent module.
-_PREVIOUS_LINEAR = {"o_proj": "v_proj", "down_proj": "up_proj", "out_proj": "v_proj", "dense_4h_to_h": "dense_h_to_4h"}
 
 # Clipping the q/k projections barely changes their outputs but distorts attention scores;
 # AWQ leaves them unclipped.
@@ -136,19 +134,6 @@ class _Layer:
     def quantized_readers(self, g: InputGroup) -> list[str]:
         return [n for n in g.readers if n in self.ctx.linears]
 
-    def previous_linear(self, g: InputGroup) -> str | None:
-        if len(g.readers) != 1:
-            return None
-        parent, _, leaf = g.readers[0].rpartition(".")
-        prev = _PREVIOUS_LINEAR.get(leaf)
-        if prev is None:
-            return None
-        full = f"{parent}.{prev}" if parent else prev
-        try:
-            return full if isinstance(self.module.get_submodule(full), nn.Linear) else None
-        except AttributeError:
-            return None
-
     def mlp_block(self, g: InputGroup) -> nn.Module | None:
         """The parent module when it is an MLP and the group reads the MLP's own input (gate/up,
         not down)."""
@@ -165,37 +150,6 @@ def _qualified(ctx: LayerContext, rel: str) -> str:
     return f"{ctx.prefix}.{rel}" if ctx.prefix else rel
 
 
-def _gqa_expand(layer: _Layer, prev: str, reader: str) -> tuple[int, int] | None:
-    """(kv_channels, repeat) mapping the producer's output channels onto the reader's inputs,
-    or None when the shapes do not allow scaling through (then the pair is left unscaled)."""
-    v_out = layer.linear(prev).out_features
-    o_in = layer.linear(reader).in_features
-    if v_out == o_in:
-        return v_out, 1
-    attn = layer.module.get_submodule(prev.rpartition(".")[0]) if "." in prev else layer.module
-    head_dim = getattr(attn, "head_dim", None)
-    if not head_dim or o_in % v_out or v_out % head_dim:
-        return None
-    return v_out, o_in // v_out
-
-
-def _expand(s_v: torch.Tensor, head_dim: int, repeat: int) -> torch.Tensor:
-    """Per-v-channel scales [kv·hd] → per-o-input scales [kv·repeat·hd]; query head h reads kv head
-    h // repeat (transformers' repeat_kv)."""
-    if repeat == 1:
-        return s_v
-    kv = s_v.numel() // head_dim
-    return s_v.view(kv, 1, head_dim).expand(kv, repeat, head_dim).reshape(-1)
-
-
-def _reduce(x_in: torch.Tensor, head_dim: int, repeat: int) -> torch.Tensor:
-    """Per-o-input statistic → per-v-channel, averaging over the query heads sharing a kv head."""
-    if repeat == 1:
-        return x_in
-    kv = x_in.numel() // (head_dim * repeat)
-    return x_in.view(kv, repeat, head_dim).mean(dim=1).reshape(-1)
-
-
 def _candidates(mean_abs: torch.Tensor, grid: int) -> list[tuple[float, torch.Tensor]]:
     x = mean_abs.float().clamp(min=1e-8)
     out = []
@@ -207,16 +161,11 @@ def _candidates(mean_abs: torch.Tensor, grid: int) -> list[tuple[float, torch.Te
     return out
 
 
-def _search_scale(layer: _Layer, g: InputGroup, st: _Stats, expand: tuple[int, int] | None) -> tuple[float, torch.Tensor]:
+def _search_scale(layer: _Layer, g: InputGroup, st: _Stats, producer: Producer) -> tuple[float, torch.Tensor]:
     """Best (ratio, s) for group g; s lives on the producer's channels (v's for GQA)."""
     cfg = layer.cfg
     readers = layer.quantized_readers(g)
-    head_dim, repeat = 1, 1
-    if expand is not None and expand[1] > 1:
-        prev = layer.previous_linear(g)
-        attn = layer.module.get_submodule(prev.rpartition(".")[0])
-        head_dim, repeat = int(attn.head_dim), expand[1]
-    mean_abs = _reduce(st.mean_abs, head_dim, repeat)
+    mean_abs = producer.to_producer(st.mean_abs.float(), "mean")
     block = layer.mlp_block(g)
     weights = {n: layer.linear(n).weight.detach().float() for n in readers}
     ref = None
@@ -227,7 +176,7 @@ def _search_scale(layer: _Layer, g: InputGroup, st: _Stats, expand: tuple[int, i
     best: tuple[float, float, torch.Tensor] = (0.0, math.inf, torch.ones_like(mean_abs))
     for ratio, s_v in _candidates(mean_abs, cfg.grid):
         check_cancel(layer.ctx.cancel)
-        s = _expand(s_v, head_dim, repeat)
+        s = producer.to_reader(s_v)
         approx = {n: _fake_quant(w * s, cfg, layer.group_size(n)) / s for n, w in weights.items()}
         if ref is not None:
             err = _block_error(block, approx, layer, sample, ref, g.readers[0].rpartition(".")[0])
@@ -252,31 +201,6 @@ def _block_error(block: nn.Module, approx: dict[str, torch.Tensor], layer: _Laye
         for n, w in saved.items():
             layer.linear(n).weight.data = w
     return float((out - ref).square().sum())
-
-
-def _fold(layer: _Layer, g: InputGroup, s_v: torch.Tensor, expand: tuple[int, int] | None) -> torch.Tensor:
-    """Divide the producer by s and multiply every reader's input columns by s. Returns the scale
-    on the readers' input channels."""
-    with torch.no_grad():
-        if g.norm is not None:
-            norm = layer.module.get_submodule(g.norm)
-            norm.weight.div_(s_v.to(norm.weight.dtype))
-            if getattr(norm, "bias", None) is not None:
-                norm.bias.div_(s_v.to(norm.bias.dtype))
-            s = s_v
-        else:
-            prev = layer.linear(layer.previous_linear(g))
-            s = s_v
-            if expand is not None and expand[1] > 1:
-                attn = layer.module.get_submodule(layer.previous_linear(g).rpartition(".")[0])
-                s = _expand(s_v, int(attn.head_dim), expand[1])
-            prev.weight.div_(s_v[:, None].to(prev.weight.dtype))
-            if prev.bias is not None:
-                prev.bias.div_(s_v.to(prev.bias.dtype))
-        for n in g.readers:
-            lin = layer.linear(n)
-            lin.weight.mul_(s[None, :].to(lin.weight.dtype))
-    return s
 
 
 def _clip_and_quantize(w: torch.Tensor, gram: torch.Tensor, cfg: AWQConfig, gs: int, clip: bool,
@@ -344,16 +268,15 @@ def search_and_fold(ctx: LayerContext, cfg: AWQConfig) -> tuple[list[InputGroup]
         check_cancel(ctx.cancel)
         if not layer.quantized_readers(g):
             continue
-        prev = layer.previous_linear(g) if g.norm is None else None
-        expand = _gqa_expand(layer, prev, g.readers[0]) if prev is not None else None
-        if g.norm is None and (prev is None or expand is None):
+        producer = producer_of(ctx.module, g)
+        if producer is None:
             msg = (f"AWQ {_qualified(ctx, '+'.join(g.readers))}: no norm or linear with matching shape "
                    "feeds this input; quantized without scaling")
             log.info(msg)
             ctx.sink(Log("info", msg))
             continue
-        ratio, s_v = _search_scale(layer, g, stats[gi], expand)
-        s = _fold(layer, g, s_v, expand)
+        ratio, s_v = _search_scale(layer, g, stats[gi], producer)
+        s = fold(ctx.module, g, producer, s_v)
         stats[gi].divide(s)
         for n in layer.quantized_readers(g):
             metrics.setdefault(n, {})["awq_ratio"] = ratio
