@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     _check(args)
     result = evaluate(
         args.model, text=args.text, seq_len=args.seq_len, windows=args.windows, reference=args.reference,
-        heldout=args.heldout, sink=ProgressPrinter(),
+        heldout=args.heldout, sink=ProgressPrinter(stream=sys.stderr),
     )
     if args.json:
         # JSON has no Infinity/NaN; a diverged model reports null.
