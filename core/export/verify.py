@@ -81,59 +81,23 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits.float()
 
 
-def _load_tokenizer(path: Path, gguf_file: str | None = None) -> Any:
-    from transformers import AutoTokenizer
+def _load_tokenizer(path: Path) -> Any:
+    from core.loader import load_tokenizer
 
-    if gguf_file is not None:
-        return AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file)
-    return AutoTokenizer.from_pretrained(str(path))
+    return load_tokenizer(path)
 
 
 # --- Quantscope's own model ------------------------------------------------------------------------
 
 
 def quantscope_model(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """The model as Quantscope computes it: the architecture from config.json, plain tensors as
-    stored, every quantized linear replaced by `core.qlinear.QuantLinear` built from the weight
-    Quantscope's reader rebuilds (W8A8 fake-quantizes activations like the method does)."""
-    try:
-        from core.loader import load_model  # the evaluation engineer's loader, when present
-    except ImportError:
-        load_model = None
-    if load_model is not None:
-        loaded = load_model(path)
-        return loaded[0] if isinstance(loaded, tuple) else loaded
-    return _own_model(Path(path), dtype)
+    """The model as Quantscope evaluates it (`core.loader.load_model`): plain tensors as stored,
+    every quantized linear a `QuantLinear` built from the weight Quantscope's reader rebuilds
+    (W8A8 fake-quantizes activations, LLM.int8 runs its decomposition)."""
+    from core.loader import load_model
 
-
-def _own_model(path: Path, dtype: torch.dtype) -> torch.nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from core.export.base import detect_exporter
-    from core.export.convert import _layer_groups, read_quantized_group
-    from core.model_io import open_model
-    from core.qlinear import replace_linears
-
-    src = open_model(path)
-    src.require_weights()
-    config_dict = {k: v for k, v in src.config.items() if k != "quantization_config"}
-    config = AutoConfig.for_model(**config_dict)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    exporter = detect_exporter(src.quantization_config) if src.quantization_config else None
-    plain: dict[str, torch.Tensor] = {}
-    weights: dict[str, Any] = {}
-    for _, names in _layer_groups(src):
-        w, p = read_quantized_group(src, names, exporter)
-        weights.update(w)
-        plain.update(p)
-    missing, _ = model.load_state_dict({k: v.to(dtype) for k, v in plain.items()}, strict=False)
-    if config.tie_word_embeddings and "lm_head.weight" not in plain:
-        model.tie_weights()
-    replace_linears(model, weights, compute_dtype=dtype)
-    still = [m for m in missing if m.rsplit(".", 1)[0] not in weights and m != "lm_head.weight"]
-    if still:
-        raise ValueError(f"{path}: tensors missing from the checkpoint: {', '.join(still[:5])}")
-    return model.eval()
+    model, _ = load_model(path, dtype, with_tokenizer=False)
+    return model
 
 
 # --- consumers ------------------------------------------------------------------------------------
