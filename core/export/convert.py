@@ -192,9 +192,16 @@ def relayout(
     reader = detect_exporter(src.quantization_config)
     exporter = get_exporter(export_format)
     groups = list(_layer_groups(src))
+    # Judge the target layout on the first quantized layer, before anything is written.
+    method_config = None
+    for _, names in groups:
+        weights, _ = read_quantized_group(src, names, reader)
+        if weights:
+            method_config = method_config_for(next(iter(weights.values())))
+            refuse_unless_accepted(exporter, method_config)
+            break
     quantized: list[str] = []
     ignored = [n for n in (src.quantization_config.get("ignore") or []) if not n.startswith("re:")]
-    method_config = None
     dtype = src.source_dtype
     sink(StageStarted("export", total=len(groups), message=f"re-writing as {export_format}"))
     with OutputWriter(out, num_shards=len(groups), overwrite=overwrite) as writer:
