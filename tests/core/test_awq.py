@@ -106,3 +106,31 @@ def test_bad_group_size_fails_before_touching_the_layer():
     with pytest.raises(ValueError, match="does not divide in_features 64"):
         get_quantizer(AWQConfig(group_size=48)).quantize_layer(ctx)
     assert torch.equal(norm, ctx.module.input_layernorm.weight)
+
+
+def test_awq_end_to_end_on_tiny_llama_writes_folded_norms(tiny_llama_dir, tmp_path):
+    from safetensors import safe_open
+
+    from core.config import CalibConfig, QuantJob
+    from core.engine import run_quantization
+    from core.evaluate import evaluate_model
+    from core.loader import load_model
+
+    out = tmp_path / "awq"
+    result = run_quantization(QuantJob(model=tiny_llama_dir, out=out, method=AWQConfig(bits=4, group_size=32),
+                                       calib=CalibConfig(samples=4, seq_len=32)))
+    assert len(result.layers) == 14 and all(r["output_rel_error"] < 0.5 for r in result.layers)
+    norm = "model.layers.0.input_layernorm.weight"
+
+    def read(folder):
+        for f in folder.glob("*.safetensors"):
+            with safe_open(str(f), "pt") as h:
+                if norm in h.keys():
+                    return h.get_tensor(norm)
+        raise AssertionError(f"{norm} not in {folder}")
+
+    assert not torch.allclose(read(out).float(), read(tiny_llama_dir).float())
+    model, tok = load_model(out)
+    ref, _ = load_model(tiny_llama_dir)
+    res = evaluate_model(model, tok, seq_len=32, windows=2, reference=ref)
+    assert 0 < res["kl_divergence"] < 0.2

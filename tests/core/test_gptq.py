@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -164,3 +166,44 @@ def test_extreme_bit_widths(bits: int):
     assert int(res.weight.codes.max()) <= 2**bits - 1
     rel = (res.weight.dequantize() - w).norm() / w.norm()
     assert rel < (0.02 if bits == 8 else 1.0)
+
+
+def _run(model_dir, out, method, sink=None, cancel=None):
+    from core.config import CalibConfig, QuantJob
+    from core.engine import run_quantization
+
+    job = QuantJob(model=model_dir, out=out, method=method, calib=CalibConfig(samples=4, seq_len=32))
+    return run_quantization(job, sink=sink or (lambda e: None), cancel=cancel)
+
+
+def test_gptq_end_to_end_on_tiny_llama_closer_to_float_than_rtn(tiny_llama_dir, tmp_path):
+    from core.config import RTNConfig
+    from core.evaluate import evaluate_model
+    from core.loader import load_model
+
+    gptq = _run(tiny_llama_dir, tmp_path / "gptq", GPTQConfig(bits=3, group_size=32))
+    _run(tiny_llama_dir, tmp_path / "rtn", RTNConfig(bits=3, group_size=32))
+    assert len(gptq.layers) == 14 and all(r["output_rel_error"] < 1.0 for r in gptq.layers)
+    ref, tok = load_model(tiny_llama_dir)
+    kl = {}
+    for name in ("gptq", "rtn"):
+        model, _ = load_model(tmp_path / name)
+        res = evaluate_model(model, tok, seq_len=32, windows=4, reference=ref)
+        assert math.isfinite(res["perplexity"])
+        kl[name] = res["kl_divergence"]
+    assert 0 < kl["gptq"] < kl["rtn"], kl
+
+
+def test_cancelling_inside_gptq_leaves_no_output(tiny_llama_dir, tmp_path):
+    token = CancelToken()
+    seen = []
+
+    def sink(event: object) -> None:
+        if isinstance(event, Progress) and event.stage == "gptq":
+            seen.append(event)
+            token.cancel()
+
+    with pytest.raises(Cancelled):
+        _run(tiny_llama_dir, tmp_path / "out", GPTQConfig(bits=4, group_size=32), sink=sink, cancel=token)
+    assert seen and not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]

@@ -81,3 +81,22 @@ def test_layer_reports_outlier_columns_from_calibration():
     q_inf = get_quantizer(LLMInt8Config(threshold=1e9)).quantize_layer(make_ctx(inputs=ctx.inputs))
     assert all(w.outlier_counts["columns"] == 0 for w in q_inf.values())
     assert all(torch.equal(q_inf[n].codes, q[n].codes) for n in q)
+
+
+def test_llm_int8_end_to_end_loads_and_decomposes(tiny_llama_dir, tmp_path):
+    from core.config import CalibConfig, QuantJob
+    from core.engine import run_quantization
+    from core.evaluate import evaluate_model
+    from core.loader import load_model
+    from core.qlinear import QuantLinear
+
+    out = tmp_path / "int8"
+    run_quantization(QuantJob(model=tiny_llama_dir, out=out, method=LLMInt8Config(threshold=0.5),
+                              calib=CalibConfig(samples=4, seq_len=32)))
+    model, tok = load_model(out)
+    qls = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(qls) == 14 and all(m.format == "int8_row" for m in qls)
+    ref, _ = load_model(tiny_llama_dir)
+    res = evaluate_model(model, tok, seq_len=32, windows=2, reference=ref)
+    assert 0 <= res["kl_divergence"] < 0.05
+    assert max(m.outlier_columns for m in qls) > 0  # threshold 0.5 sees outliers in this model

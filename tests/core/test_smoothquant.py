@@ -72,3 +72,36 @@ def test_static_and_dynamic_activation_schemes(scheme: str):
             assert float(w.act.scale) == pytest.approx(float(max(x)) / 127.0, rel=1e-5)
     rel = _error(ctx, q, ref) / sum(float(r.square().sum()) for r in ref)
     assert rel < 1e-3
+
+
+@pytest.mark.parametrize("scheme", ["dynamic", "static"])
+def test_smoothquant_end_to_end_runs_activation_quantization_when_evaluated(tiny_llama_dir, tmp_path, scheme):
+    from core.config import CalibConfig, QuantJob
+    from core.engine import run_quantization
+    from core.evaluate import evaluate_model
+    from core.loader import load_model
+    from core.qlinear import QuantLinear
+
+    out = tmp_path / scheme
+    job = QuantJob(model=tiny_llama_dir, out=out, method=SmoothQuantConfig(act_scheme=scheme),
+                   calib=CalibConfig(samples=4, seq_len=32))
+    result = run_quantization(job)
+    assert all(r["output_rel_error"] < 0.05 for r in result.layers)
+    model, tok = load_model(out)
+    qls = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(qls) == 14
+    assert all(m.qweight.act is not None and m.qweight.act.scheme == scheme for m in qls)
+    # The evaluation really quantizes activations: switching it off changes the logits.
+    ids = tok("def quantize(x): return round(x)", return_tensors="pt").input_ids
+    with torch.no_grad():
+        with_act = model(input_ids=ids).logits
+        saved = [m.qweight.act for m in qls]
+        for m in qls:
+            m.qweight.act = None
+        without_act = model(input_ids=ids).logits
+        for m, a in zip(qls, saved):
+            m.qweight.act = a
+    assert not torch.equal(with_act, without_act)
+    ref, _ = load_model(tiny_llama_dir)
+    res = evaluate_model(model, tok, seq_len=32, windows=2, reference=ref)
+    assert 0 <= res["kl_divergence"] < 0.05
