@@ -127,8 +127,11 @@ def _load_quantized(source: ModelSource, dtype: torch.dtype) -> nn.Module:
 def load_model(
     path: str | os.PathLike, dtype: torch.dtype = torch.float32, *, with_tokenizer: bool = True
 ) -> tuple[nn.Module, Any]:
-    """(model in eval mode on CPU, tokenizer or None) for a plain Hugging Face folder or any
-    Quantscope output folder. Raises ValueError with the fix for folders it cannot load."""
+    """(model in eval mode on CPU, tokenizer or None) for a plain Hugging Face folder, any
+    Quantscope output folder, or a Llama .gguf file (dequantized by Quantscope's own reader).
+    Raises ValueError with the fix for folders it cannot load."""
+    if Path(path).suffix.lower() == ".gguf" and Path(path).is_file():
+        return _load_gguf(Path(path), dtype, with_tokenizer)
     source = open_model(path, check_architecture=False)
     source.require_weights()
     if source.quantization_config is None:
@@ -140,6 +143,22 @@ def load_model(
         model = _load_quantized(source, dtype)
     model.eval()
     tokenizer = load_tokenizer(source.path) if with_tokenizer else None
+    return model, tokenizer
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, with_tokenizer: bool) -> tuple[nn.Module, Any]:
+    """GGUF stores weight-only block formats, so the dequantized weights reproduce its arithmetic."""
+    from core.export.gguf import gguf_quantscope_model
+
+    model = gguf_quantscope_model(path).to(dtype).eval()
+    tokenizer = None
+    if with_tokenizer:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: could not read its tokenizer ({exc}); the GGUF needs tokenizer.ggml.* metadata") from None
     return model, tokenizer
 
 

@@ -17,7 +17,8 @@ def register(subparsers: Any) -> None:
                     "with --reference also the mean KL divergence of the next-token distributions. "
                     "Any Quantscope output folder is a valid --model.",
     )
-    p.add_argument("--model", required=True, type=Path, help="model folder (plain or quantized by Quantscope)")
+    p.add_argument("--model", required=True, type=Path,
+                   help="model folder (plain or quantized by Quantscope) or a .gguf file")
     p.add_argument("--text", default="builtin", help="'builtin' (Python's pydoc topics) or a .txt/.jsonl file")
     p.add_argument("--heldout", action="store_true",
                    help="evaluate the second half of the text (the half calibration does not draw from)")
@@ -36,8 +37,10 @@ def _check(args: argparse.Namespace) -> None:
     if args.text != "builtin" and not Path(args.text).expanduser().is_file():
         raise UserError(f"--text {args.text}: file not found (use 'builtin' or a .txt/.jsonl file)")
     for flag, path in (("--model", args.model), ("--reference", args.reference)):
-        if path is not None and not path.is_dir():
-            raise UserError(f"{flag} {path}: not a model folder (give a folder with config.json and *.safetensors)")
+        if path is None or path.is_dir() or (path.suffix.lower() == ".gguf" and path.is_file()):
+            continue
+        raise UserError(f"{flag} {path}: not a model folder (give a folder with config.json and *.safetensors, "
+                        "or a .gguf file)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -212,3 +212,52 @@ def test_load_model_refuses_a_quantized_folder_with_missing_tensors(rtn_int4_dir
             save_file(tensors, str(f), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="model.norm.weight"):
         load_model(folder)
+
+
+@pytest.mark.parametrize(
+    ("case", "kind"),
+    [("nf4", "4bit"), ("llm_int8", "int8_row"), ("smoothquant_static", "int"), ("rtn_asym_gptq", "int")],
+)
+def test_every_layout_loads_back_as_quantlinears_close_to_the_source(
+    case: str, kind: str, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    from core.config import CalibConfig, FourBitConfig, LLMInt8Config, QuantJob, RTNConfig, SmoothQuantConfig
+    from core.engine import run_quantization
+    from core.loader import load_model, quantized_layers
+    from core.metrics import kl_divergence
+
+    method = {
+        "nf4": FourBitConfig(),
+        "llm_int8": LLMInt8Config(threshold=2.5),
+        "smoothquant_static": SmoothQuantConfig(act_scheme="static"),
+        "rtn_asym_gptq": RTNConfig(bits=4, group_size=32, sym=False),
+    }[case]
+    calib = CalibConfig(samples=4, seq_len=32) if case in ("llm_int8", "smoothquant_static") else None
+    out = tmp_path / case
+    run_quantization(QuantJob(model=tiny_llama_dir, out=out, method=method, calib=calib))
+    model, tok = load_model(out)
+    layers = quantized_layers(model)
+    assert len(layers) == 14 and set(layers.values()) == {kind}
+    if case == "llm_int8":
+        assert model.get_submodule("model.layers.0.mlp.up_proj").qweight.threshold == 2.5
+    if case == "smoothquant_static":
+        act = model.get_submodule("model.layers.0.self_attn.q_proj").qweight.act
+        assert act.scheme == "static" and float(act.scale) > 0
+    base, _ = load_model(tiny_llama_dir, with_tokenizer=False)
+    ids = tok("def f(x):\n    return [i for i in range(x)]\n" * 6, return_tensors="pt").input_ids[0]
+    kl = kl_divergence(model, base, ids, seq_len=32, windows=2)
+    assert 0 < kl < 0.01
+
+
+def test_gguf_file_loads_with_its_tokenizer(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from core.export.gguf import export_gguf
+    from core.loader import load_model
+    from core.metrics import kl_divergence
+
+    path = export_gguf(tiny_llama_dir, tmp_path / "m.gguf", "Q8_0")
+    model, tok = load_model(path)
+    base, base_tok = load_model(tiny_llama_dir)
+    text = "while True:\n    break\n" * 8
+    ids = tok(text, return_tensors="pt").input_ids[0]
+    assert torch.equal(ids, base_tok(text, return_tensors="pt").input_ids[0])
+    assert 0 < kl_divergence(model, base, ids, seq_len=16, windows=2) < 1e-3
