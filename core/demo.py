@@ -93,8 +93,11 @@ def prepare_smollm2(cache_dir: Path | None = None, sink: Sink = null_sink) -> Pa
         tmp.chmod(0o755)
         for f in tmp.iterdir():
             f.chmod(0o644)
+        if is_prepared(cache_dir):
+            # Another process finished first; theirs is as good as ours.
+            return target
         if target.exists():
-            # An incomplete folder from some other tool: replace it.
+            # An incomplete folder (copied by hand, or by some other tool): replace it.
             shutil.rmtree(target)
         try:
             tmp.rename(target)

