@@ -83,6 +83,7 @@ def evaluate(
     reference: str | os.PathLike | None = None,
     heldout: bool = False,
     batch_size: int = DEFAULT_BATCH,
+    device: str = "cpu",
     sink: Sink = null_sink,
     cancel: CancelToken | None = None,
 ) -> dict[str, Any]:
@@ -91,6 +92,7 @@ def evaluate(
     ("builtin" or a .txt/.jsonl file; `heldout=True` evaluates its second half), and with
     `reference` the mean KL(reference ‖ model) per predicted token.
 
+    `device` is where both models run ("cpu", "cuda", "cuda:1").
     Returns {perplexity, tokens, windows, seq_len, kl_divergence (with a reference), seconds,
     model, reference}. Cancellation is checked between batches of windows and raises Cancelled.
     """
@@ -101,11 +103,13 @@ def evaluate(
         raise ValueError(f"text file not found: {text} (use 'builtin' or a .txt/.jsonl file)")
     sink(StageStarted("load", message=f"loading {model_path}"))
     model, tokenizer = load_model(model_path)
+    model.to(device)
     check_cancel(cancel)
     ref_model = None
     if reference is not None:
         sink(StageStarted("load", message=f"loading reference {reference}"))
         ref_model, _ = load_model(reference, with_tokenizer=False)
+        ref_model.to(device)
         check_cancel(cancel)
     result = evaluate_model(
         model, tokenizer, text=text, heldout=heldout, seq_len=seq_len, windows=windows, reference=ref_model,

@@ -101,3 +101,13 @@ def test_bad_arguments_raise_value_errors(tiny_llama_dir: Path, tmp_path: Path) 
         evaluate(tiny_llama_dir, windows=0)
     with pytest.raises(ValueError, match="config.json"):
         evaluate(tmp_path)
+
+
+@pytest.mark.gpu
+def test_evaluate_on_cuda_matches_cpu(tiny_llama_dir: Path) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    cpu = evaluate(tiny_llama_dir, seq_len=32, windows=2, reference=tiny_llama_dir)
+    gpu = evaluate(tiny_llama_dir, seq_len=32, windows=2, reference=tiny_llama_dir, device="cuda")
+    assert gpu["perplexity"] == pytest.approx(cpu["perplexity"], rel=1e-3)
+    assert gpu["kl_divergence"] == pytest.approx(0.0, abs=1e-6)
