@@ -165,6 +165,8 @@ def write_quantized(
             sink(Progress("export", index + 1, len(groups), label))
         if method_config is None:
             raise ValueError(f"no linear weight of {source_dir} was quantized; nothing to export as {export_format}")
+        if "lm_head" not in quantized:
+            ignored.append("lm_head")  # a tied head has no tensor of its own but is still a Linear
         qc = exporter.quantization_config(method_config, quantized, sorted(set(ignored)))
         config = output_config(src.config, qc, dtype)
         write_extra_files(writer, exporter, qc)
@@ -219,6 +221,8 @@ def relayout(
             sink(Progress("export", index + 1, len(groups), label))
         if method_config is None:
             raise ValueError(f"{src.path} has a quantization_config but no quantized weights were found")
+        if "lm_head" not in quantized:
+            ignored = sorted(set(ignored) | {"lm_head"})  # a tied head has no tensor but is still a Linear
         qc = exporter.quantization_config(method_config, quantized, ignored)
         config = output_config(src.config, qc, dtype)
         write_extra_files(writer, exporter, qc)

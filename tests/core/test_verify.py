@@ -86,3 +86,26 @@ def test_bitsandbytes_nf4_export_verifies_with_transformers(tiny_llama_dir, tmp_
     except (RuntimeError, ImportError) as exc:  # bitsandbytes without a CPU backend here
         pytest.skip(f"bitsandbytes cannot run on this CPU: {exc}")
     assert report.ok and "bitsandbytes" in report.loader
+
+
+@pytest.mark.slow
+@pytest.mark.realmodel
+def test_smollm2_int4_compressed_tensors_loads_in_transformers_and_matches(smollm2_dir, tmp_path):
+    out = _rtn_folder(smollm2_dir, tmp_path / "ct", "compressed-tensors")
+    report = verify_export(out, tokens=96)
+    assert report.ok and report.rel_logit_diff <= 1e-3
+    source = verify_export(out, reference=smollm2_dir, tokens=96, tolerance=10.0)
+    # 4-bit groups of 32 cost some perplexity on a 135M model, but the model still works
+    assert source.ppl_quantscope < report.ppl_loader < 1.5 * source.ppl_quantscope
+
+
+@pytest.mark.slow
+@pytest.mark.realmodel
+def test_smollm2_gguf_q8_0_loads_in_transformers_and_keeps_perplexity(smollm2_dir, tmp_path):
+    pytest.importorskip("accelerate")
+    from core.export.gguf import export_gguf
+
+    out = export_gguf(smollm2_dir, tmp_path / "smol-Q8_0.gguf", "Q8_0")
+    assert verify_export(out, tokens=96).ok
+    vs_source = verify_export(out, reference=smollm2_dir, tokens=96, tolerance=10.0)
+    assert vs_source.ppl_loader == pytest.approx(vs_source.ppl_quantscope, rel=0.03)
