@@ -6,13 +6,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from core.config import RTNConfig
 from core.export import kquants
 from core.export.convert import rtn_quantizer, write_quantized
 from core.export.gguf import export_gguf, permute_rope, read_gguf, resolve_type, tensor_type_name, unpermute_rope
-from core.export.verify import VerifyError, quantscope_model, verify_export
+from core.export.verify import VerifyError, verify_export
 
 gguf = pytest.importorskip("gguf")
 T = gguf.GGMLQuantizationType
