@@ -8,6 +8,8 @@ from typing import Callable
 
 import torch
 
+logger = logging.getLogger(__name__)
+
 
 def weight_error(w: torch.Tensor, w_hat: torch.Tensor) -> dict[str, float]:
     """Reconstruction error of a quantized weight.
@@ -26,8 +28,6 @@ def weight_error(w: torch.Tensor, w_hat: torch.Tensor) -> dict[str, float]:
 
 
 # --- model-level quality: perplexity and KL divergence over consecutive windows -------------------
-
-logger = logging.getLogger(__name__)
 
 # Windows per forward pass. Logits are [batch, seq_len, vocab] float32, so 2 × 512 × 49152 × 4 B
 # ≈ 200 MB for a SmolLM2-sized vocabulary (a few copies live at once with KL); bigger batches buy
