@@ -8,6 +8,7 @@ computed with the *quantized* weights becomes the next layer's input.
 """
 from __future__ import annotations
 
+import ctypes
 import fnmatch
 import logging
 import math
@@ -41,7 +42,7 @@ from core.methods.base import LayerContext, get_quantizer
 from core.metrics import weight_error
 from core.model_io import ModelSource, open_model
 from core.output import OutputWriter, json_safe, output_config, package_versions
-from core.qtensors import QuantizedWeight
+from core.qtensors import IntWeight, QuantizedWeight
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,9 @@ _SEQUENTIAL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 # Tensors written after the decoder layers (the rest of the non-layer tensors go first).
 _HEAD_PREFIXES = ("lm_head.", "model.norm.")
 
-# Rows per chunk when measuring weight error, so float64 temporaries stay small on big layers.
-_METRIC_ROWS = 2048
+# Weight-error measurement: exact float64 up to this many elements, float32 row chunks above.
+_METRIC_EXACT_NUMEL = 1 << 22
+_METRIC_ROWS = 1024
 
 # Calibration tokens per forward batch.
 _CALIB_TOKENS_PER_BATCH = 4096
@@ -123,6 +125,22 @@ class _RssMonitor:
         self.sample()
 
 
+def _release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS. glibc keeps freed tensor buffers below its (growing)
+    mmap threshold in the heap, so without this the RSS creeps up layer after layer."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
+
+
 def settings_dict(method_config: Any) -> dict[str, Any]:
     d = asdict(method_config) if is_dataclass(method_config) else dict(vars(method_config))
     return {k: (v.value if isinstance(v, Granularity) else v) for k, v in d.items()}
@@ -168,26 +186,44 @@ def _ordered_linears(layer: nn.Module) -> list[tuple[str, nn.Linear]]:
     return sorted(found, key=lambda nm: rank.get(nm[0].rsplit(".", 1)[-1], len(rank)))
 
 
-def _chunked_weight_error(w: torch.Tensor, w_hat: torch.Tensor) -> dict[str, float]:
-    """`core.metrics.weight_error` computed over row chunks so a 58M-element weight does not
-    need several full float64 copies. Same definitions (mse, rel_error, sqnr_db)."""
-    if w.shape[0] <= _METRIC_ROWS:
+def layer_weight_error(w: torch.Tensor, w_hat: torch.Tensor) -> dict[str, float]:
+    """`core.metrics.weight_error` (mse, rel_error, sqnr_db, same definitions). Large weights are
+    measured in float32 row chunks with float64 accumulation instead of whole float64 copies,
+    which would cost several hundred MB and most of the time on a 58M-element linear."""
+    if w.numel() <= _METRIC_EXACT_NUMEL:
         return weight_error(w, w_hat)
     noise = signal = 0.0
     for r in range(0, w.shape[0], _METRIC_ROWS):
-        a = w[r:r + _METRIC_ROWS].to(torch.float64)
-        d = a - w_hat[r:r + _METRIC_ROWS].to(torch.float64)
-        noise += float(d.square().sum())
-        signal += float(a.square().sum())
+        a = w[r:r + _METRIC_ROWS].float()
+        noise += float(torch.linalg.vector_norm(a - w_hat[r:r + _METRIC_ROWS].float(), dtype=torch.float32)) ** 2
+        signal += float(torch.linalg.vector_norm(a, dtype=torch.float32)) ** 2
     mse = noise / max(w.numel(), 1)
     rel = math.sqrt(noise / signal) if signal > 0 else (0.0 if noise == 0 else math.inf)
     sqnr = math.inf if noise == 0 else (10.0 * math.log10(signal / noise) if signal > 0 else -math.inf)
     return {"mse": mse, "rel_error": rel, "sqnr_db": sqnr}
 
 
+def dequantize_weight(q: QuantizedWeight) -> torch.Tensor:
+    """q.dequantize(), with a reshape instead of a per-column gather for plain grouped integer
+    weights (the common case, and the slow one on big layers)."""
+    if isinstance(q, IntWeight) and q.g_idx is None and q.scale.dim() == 2 and q.scale.shape[1] > 1:
+        out, n_in = q.codes.shape
+        groups = q.scale.shape[1]
+        if groups * q.group_size == n_in and q.scale.shape[0] == out:
+            codes = q.codes.view(out, groups, q.group_size).float()
+            zero = q.zero.to(torch.float32).unsqueeze(-1)
+            return ((codes - zero) * q.scale.float().unsqueeze(-1)).view(out, n_in)
+    return q.dequantize()
+
+
 def _check_finite(name: str, t: torch.Tensor, src: ModelSource) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        n_bad = int((~torch.isfinite(t)).sum())
+    if not t.is_floating_point():
+        return
+    # One cheap reduction first; the exact elementwise test only when the sum is not finite.
+    if bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        return
+    n_bad = int((~torch.isfinite(t)).sum())
+    if n_bad:
         raise ValueError(
             f"tensor {name} in {src.tensors[name].file} contains {n_bad} NaN/Inf value(s); "
             "the checkpoint is damaged, re-download or repair it before quantizing"
@@ -313,7 +349,7 @@ class _OutputErrorProbe:
             lin = linears[name]
             w_float = lin.weight.data
             self._saved.append((lin, w_float))
-            w_hat = q.dequantize().to(torch.float32).reshape(w_float.shape)
+            w_hat = dequantize_weight(q).to(torch.float32).reshape(w_float.shape)
             lin.weight.data = w_hat
             lin.forward = self._make_forward(name, lin, w_float, w_hat, getattr(q, "act", None))
 
@@ -407,6 +443,7 @@ def run_quantization(job: QuantJob, *, sink: Sink = null_sink, cancel: CancelTok
             quantized_names.extend(r["name"] for r in layer_records)
             writer.record_layer(i, layer_records, shard)
             layers[i].to("meta")  # free this layer's weights
+            _release_freed_memory()
             emit(MemorySample(rss.sample() / GIB))
             emit(Log("info", f"layer {i + 1}/{src.num_layers} done"))
         check_cancel(cancel)
@@ -518,8 +555,8 @@ def _quantize_layer(
         check_cancel(cancel)
         full = f"{prefix}{rel}"
         q = quantized[rel]
-        w_hat = q.dequantize().reshape(lin.weight.shape)
-        metrics = _chunked_weight_error(lin.weight.detach(), w_hat)
+        w_hat = dequantize_weight(q).reshape(lin.weight.shape)
+        metrics = layer_weight_error(lin.weight.detach(), w_hat)
         del w_hat
         if rel in out_errors:
             metrics["output_rel_error"] = out_errors[rel]
