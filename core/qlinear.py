@@ -123,7 +123,7 @@ def replace_linears(
         linear = getattr(parent, child, None)
         if not isinstance(linear, (nn.Linear, QuantLinear)):
             raise ValueError(f"{name} is not a linear layer of this model (found {type(linear).__name__})")
-        if tuple(q.shape)[:2] != (linear.out_features, linear.in_features) and len(q.shape) == 2:
+        if tuple(int(d) for d in q.shape) != (linear.out_features, linear.in_features):
             raise ValueError(
                 f"quantized weight for {name} has shape {list(q.shape)} but the layer is "
                 f"[{linear.out_features}, {linear.in_features}]; the checkpoint does not match its config"
