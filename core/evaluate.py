@@ -43,6 +43,10 @@ def evaluate_model(
     if windows <= 0:
         raise ValueError(f"--windows must be positive, got {windows}")
     start = time.perf_counter()
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and seq_len > limit:
+        sink(Log("warning", f"--seq-len {seq_len} is longer than the model's context ({limit}); "
+                            "perplexity past it is not meaningful"))
     ids = tokenize(tokenizer, evaluation_text(text, heldout=heldout))
     available = int(ids.numel()) // seq_len
     if available == 0:
