@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -171,17 +172,18 @@ class ProgressPrinter:
     """Event sink that writes a simple line-based progress bar on stderr (a few lines a second
     at most, plus stage changes and the end of each stage)."""
 
-    def __init__(self, stream: TextIO = sys.stderr, width: int = 30, interval: float = 0.5) -> None:
+    def __init__(self, stream: TextIO | None = None, width: int = 30, interval: float = 0.5) -> None:
         self.stream = stream
         self.width = width
         self.interval = interval
-        self._last = 0.0
+        self._last = -math.inf
 
     def __call__(self, event: Any) -> None:
         from core.events import Log, Progress, StageStarted
 
         if isinstance(event, StageStarted):
             msg = f" ({event.message})" if event.message else ""
+            self._last = -math.inf  # the first step of a new stage always shows
             self._line(f"{event.stage}{msg}")
         elif isinstance(event, Progress) and event.total > 0:
             now = time.monotonic()
@@ -195,8 +197,9 @@ class ProgressPrinter:
             self._line(f"{event.level}: {event.message}")
 
     def _line(self, text: str) -> None:
-        self.stream.write(text + "\n")
-        self.stream.flush()
+        stream = self.stream or sys.stderr  # looked up late: tests and callers may swap sys.stderr
+        stream.write(text + "\n")
+        stream.flush()
 
 
 def run(args: argparse.Namespace) -> int:
