@@ -76,7 +76,7 @@ def layer_groups(ctx: LayerContext) -> list[InputGroup]:
         for n, m in norms.items():
             handles.append(m.register_forward_hook(post(n)))
         with torch.no_grad():
-            ctx.forward(ctx.inputs[0])
+            ctx.forward(ctx.inputs[0][:1])  # one sample is enough to see who reads what
     finally:
         for h in handles:
             h.remove()
@@ -126,37 +126,3 @@ def capture_group_inputs(
                     pass
     finally:
         handle.remove()
-
-
-def collect_group_inputs(ctx: LayerContext, names: list[str]) -> list[torch.Tensor]:
-    """The inputs of the group's first linear for every calibration batch, flattened to [tokens, in]."""
-    out: list[torch.Tensor] = []
-    capture_group_inputs(ctx, names, lambda x: out.append(x.reshape(-1, x.shape[-1]).float().clone()))
-    return out
-
-
-def channel_absmax(ctx: LayerContext) -> dict[str, torch.Tensor]:
-    """Per-input-channel max |x| [in] of every linear in ctx.linears over all calibration
-    batches, from one full forward pass per batch on the layer as it is."""
-    stats: dict[str, torch.Tensor] = {}
-    handles = []
-
-    def pre(name: str) -> Callable:
-        def hook(_m: nn.Module, args: tuple) -> None:
-            x = args[0].detach()
-            m = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
-            stats[name] = m if name not in stats else torch.maximum(stats[name], m)
-
-        return hook
-
-    try:
-        for n, lin in ctx.linears.items():
-            handles.append(lin.register_forward_pre_hook(pre(n)))
-        with torch.no_grad():
-            for batch in ctx.inputs or []:
-                check_cancel(ctx.cancel)
-                ctx.forward(batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return stats
