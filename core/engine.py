@@ -219,8 +219,11 @@ def dequantize_weight(q: QuantizedWeight) -> torch.Tensor:
 def _check_finite(name: str, t: torch.Tensor, src: ModelSource) -> None:
     if not t.is_floating_point():
         return
-    # One cheap reduction first; the exact elementwise test only when the sum is not finite.
-    if bool(torch.isfinite(t.sum(dtype=torch.float32))):
+    # A cheap float32 sum per chunk first (chunked so a 1 GB embedding never gets a full float32
+    # copy); the exact elementwise test only when a sum is not finite.
+    flat = t.reshape(-1)
+    step = 1 << 24
+    if all(bool(torch.isfinite(flat[i:i + step].sum(dtype=torch.float32))) for i in range(0, flat.numel(), step)):
         return
     n_bad = int((~torch.isfinite(t)).sum())
     if n_bad:

@@ -13,11 +13,11 @@ import json
 import logging
 import os
 import shutil
+import struct
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,29 @@ def partial_dir(target: Path) -> Path:
 def shard_name(index: int, total: int) -> str:
     """Hugging Face shard naming, 0-based index: model-00001-of-00003.safetensors."""
     return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file streaming each tensor's bytes straight from its memory.
+    (safetensors.torch.save_file first copies every tensor into a bytes object, which doubles the
+    memory of a 1 GB embedding shard.) Same format: little-endian u64 header length, JSON header
+    padded with spaces to 8 bytes, then the tensors' data in header order."""
+    from core.model_io import header_dtype
+
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": header_dtype(t.dtype), "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for t in tensors.values():
+            if t.numel():
+                f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
 def _disk_full(path: Path, exc: OSError) -> OSError:
@@ -109,7 +132,7 @@ class OutputWriter:
         path = self.tmp / name
         clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         try:
-            save_file(clean, str(path), metadata={"format": "pt"})
+            write_safetensors(path, clean, metadata={"format": "pt"})
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise _disk_full(path, exc) from exc

@@ -181,7 +181,7 @@ def test_missing_shard_is_named(tiny_model_factory, tmp_path: Path) -> None:
 
 def test_disk_full_mid_run_leaves_nothing(tiny_llama_dir: Path, tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    real = output.save_file
+    real = output.write_safetensors
     calls = []
 
     def filling(tensors: dict, path: str, metadata: dict | None = None) -> None:
@@ -190,7 +190,7 @@ def test_disk_full_mid_run_leaves_nothing(tiny_llama_dir: Path, tmp_path: Path,
             raise OSError(errno.ENOSPC, "No space left on device")
         real(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(output, "save_file", filling)
+    monkeypatch.setattr(output, "write_safetensors", filling)
     out = tmp_path / "out"
     with pytest.raises(OSError, match="disk full while writing") as info:
         run_quantization(QuantJob(tiny_llama_dir, out, RTNConfig()))

@@ -80,7 +80,7 @@ def test_disk_full_gives_a_clear_message_and_leaves_nothing(tmp_path: Path, monk
     def full(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(output, "save_file", full)
+    monkeypatch.setattr(output, "write_safetensors", full)
     target = tmp_path / "out"
     with pytest.raises(OSError, match="disk full while writing .*choose another --out") as info:
         with OutputWriter(target, num_shards=2) as w:
@@ -115,3 +115,25 @@ def test_output_config_sets_quantization_and_consistent_dtype() -> None:
 def test_json_safe_turns_non_finite_numbers_into_null() -> None:
     doc = {"a": [1.0, math.inf, -math.inf, math.nan], "b": {"c": 2}, "d": (3,)}
     assert json_safe(doc) == {"a": [1.0, None, None, None], "b": {"c": 2}, "d": [3]}
+
+
+def test_streamed_shards_read_back_bit_exact_with_safetensors(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    tensors = {
+        "bf16": torch.randn(3, 5).to(torch.bfloat16),
+        "f8": torch.randn(4, 4).to(torch.float8_e4m3fn),
+        "i32": torch.arange(-5, 7, dtype=torch.int32).reshape(3, 4),
+        "u8": torch.arange(7, dtype=torch.uint8),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 3),
+        "strided": torch.arange(12.0).reshape(3, 4).t(),
+    }
+    path = tmp_path / "x.safetensors"
+    output.write_safetensors(path, tensors, metadata={"format": "pt"})
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        for k, t in tensors.items():
+            got = f.get_tensor(k)
+            assert got.dtype == t.dtype and got.shape == t.shape
+            assert torch.equal(got.reshape(-1).view(torch.uint8), t.contiguous().reshape(-1).view(torch.uint8))
