@@ -100,33 +100,62 @@ def _block_absmax_and_scaled(flat: torch.Tensor, blocksize: int) -> tuple[torch.
     return absmax, scaled
 
 
+# bitsandbytes 0.50's CPU kernel (quantize_cpu_impl in libbitsandbytes_cpu.so) does not search the
+# code per value: it discretises [-1, 1] into a 65536-entry grid and precomputes, once per code
+# table, the code index for every grid point. The helpers below reproduce that arithmetic
+# step for step in float32 (checked against the disassembly of the shipped .so and by probing it
+# with midpoints ± 1 ulp, tiny values, ±0 and all-zero blocks).
+_LUT_SIZE = 65536
+
+
+def _grid_lut(code: torch.Tensor) -> torch.Tensor:
+    """int64 [65536]: the code index bitsandbytes assigns to grid point i.
+
+    Grid point i is the float32 value (2·i)/65535 − 1 (rounded after the division and after the
+    subtraction, as the kernel does), and gets the first code whose midpoint
+    0.5·(code[j] + code[j+1]) (float32) is not below it: a grid point exactly on a midpoint takes
+    the lower code."""
+    c = code.detach().float().contiguous()
+    mids = ((c[:-1] + c[1:]) * 0.5).contiguous()
+    grid = (torch.arange(_LUT_SIZE, dtype=torch.float32) * 2.0) / float(_LUT_SIZE - 1) - 1.0
+    return torch.searchsorted(mids, grid, right=False).clamp(max=c.numel() - 1)
+
+
+def _grid_index(normed: torch.Tensor) -> torch.Tensor:
+    """float32 values (already x·(1/absmax)) → int64 grid index as the kernel computes it:
+    clamp to [-1, 1], t = (v + 1)·0.5 in float32, then fma(t, 65535, 0.5) with ONE rounding to
+    float32 (the .so uses vfmadd213ss), truncated toward zero and kept to 16 bits. The fma is
+    exact in float64 here (t·65535 + 0.5 needs < 53 bits), so rounding that to float32 is the
+    fused result."""
+    v = torch.clamp(normed, -1.0, 1.0)
+    t = (v + 1.0) * 0.5
+    fused = (t.double() * float(_LUT_SIZE - 1) + 0.5).float()
+    return fused.long() & 0xFFFF
+
+
 def quantize_blockwise_8bit(
     x: torch.Tensor, code: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """8-bit blockwise quantization onto a sorted 256-entry map (used for nested absmax).
 
-    x float32 [n] → (indices uint8 [n], absmax float32 [ceil(n/blocksize)]). Each value is divided
-    by its block's absmax and takes the nearest code; the right neighbour wins only when strictly
-    closer (bitsandbytes' rule). bitsandbytes' CPU kernel finds the neighbour with an approximate
-    bucketed search and picks the farther code for about 0.1% of values that sit within ~1e-5 of a
-    midpoint (and more often for |x/absmax| < 1e-4); those indices differ by one step here.
-    A block whose values are all 0 has no scale; its indices are set to the code nearest 0
-    (bitsandbytes leaves them undefined; any index decodes to 0 there).
+    x [n] (converted to float32) → (indices uint8 [n], absmax float32 [ceil(n/blocksize)]),
+    bit for bit bitsandbytes 0.50's CPU `quantize_blockwise`: each value is multiplied by the
+    float32 reciprocal of its block's absmax (not divided), mapped onto the 65536-point grid
+    (`_grid_index`) and takes that grid point's code (`_grid_lut`). This is nearest-code rounding
+    only up to the grid step (~3e-5): values within half a grid step of a midpoint, and the tiny
+    values whose codes are closer together than the grid, take the code of their grid point —
+    exactly as bitsandbytes stores them. A block whose values are all 0 gets index 0 (bitsandbytes
+    zero-fills it; absmax 0 decodes it to 0 whatever the index).
     """
     flat = x.reshape(-1).float()
     n = flat.numel()
     pad = (-n) % blocksize
     blocks = torch.nn.functional.pad(flat, (0, pad)).reshape(-1, blocksize)
     absmax = blocks.abs().amax(dim=-1)
-    normed = (blocks / absmax.unsqueeze(1)).reshape(-1)[:n]
-    normed = torch.nan_to_num(normed, nan=0.0)
-    search = code.detach().float().contiguous()
-    last = search.numel() - 1
-    left = (torch.searchsorted(search, normed, right=True) - 1).clamp(0, last)
-    right = (left + 1).clamp(max=last)
-    closer_right = (normed - search[right]).abs() < (normed - search[left]).abs()
-    idx = torch.where(closer_right, right, left)
-    return idx.to(torch.uint8), absmax
+    inv = 1.0 / absmax
+    idx = _grid_lut(code)[_grid_index(blocks * inv.unsqueeze(1))]
+    idx = torch.where((absmax == 0).unsqueeze(1), torch.zeros_like(idx), idx)
+    return idx.reshape(-1)[:n].to(torch.uint8), absmax
 
 
 def dequantize_blockwise_8bit(
