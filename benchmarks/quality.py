@@ -41,14 +41,14 @@ GIB = 2**30
 # Rows of the table: name -> (method config or None for the float model, export layout or None).
 METHODS: dict[str, tuple[Any, str | None]] = {
     "fp32": (None, None),
+    "RTN W4 g64 asym": (RTNConfig(bits=4, group_size=64, sym=False), None),
+    "GPTQ W4 g64 asym": (GPTQConfig(bits=4, group_size=64, sym=False), None),
+    "AWQ W4 g64 asym": (AWQConfig(bits=4, group_size=64, sym=False), None),
     "RTN W8 (per-channel, sym)": (RTNConfig(bits=8, granularity="channel"), None),
-    "RTN W4 g128 asym": (RTNConfig(bits=4, group_size=128, sym=False), None),
-    "GPTQ W4 g128 asym": (GPTQConfig(bits=4, group_size=128, sym=False), None),
-    "GPTQ W4 g128 asym act-order": (GPTQConfig(bits=4, group_size=128, sym=False, act_order=True), None),
-    "AWQ W4 g128 asym": (AWQConfig(bits=4, group_size=128, sym=False), None),
-    "RTN W3 g128 asym": (RTNConfig(bits=3, group_size=128, sym=False), None),
-    "GPTQ W3 g128 asym": (GPTQConfig(bits=3, group_size=128, sym=False), None),
-    "AWQ W3 g128 asym": (AWQConfig(bits=3, group_size=128, sym=False), None),
+    "GPTQ W4 g64 asym act-order": (GPTQConfig(bits=4, group_size=64, sym=False, act_order=True), None),
+    "RTN W3 g64 asym": (RTNConfig(bits=3, group_size=64, sym=False), None),
+    "GPTQ W3 g64 asym": (GPTQConfig(bits=3, group_size=64, sym=False), None),
+    "AWQ W3 g64 asym": (AWQConfig(bits=3, group_size=64, sym=False), None),
     "NF4 (block 64)": (FourBitConfig(quant_type="nf4", blocksize=64), None),
     "SmoothQuant W8A8 dynamic": (SmoothQuantConfig(alpha=0.5, act_scheme="dynamic"), None),
     "SmoothQuant W8A8 static": (SmoothQuantConfig(alpha=0.5, act_scheme="static"), None),
@@ -66,6 +66,8 @@ def _child(args: argparse.Namespace) -> None:
     from core.loader import load_model
 
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     src = prepare_smollm2()
     method, export = METHODS[args.child]
     seconds = 0.0
@@ -92,7 +94,7 @@ def _child(args: argparse.Namespace) -> None:
 
 def _run(name: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", name, "--samples", str(args.samples), "--seq-len", str(args.seq_len),
-           "--windows", str(args.windows), "--eval-seq-len", str(args.eval_seq_len)]
+           "--windows", str(args.windows), "--eval-seq-len", str(args.eval_seq_len), "--threads", str(args.threads)]
     if args.workdir:
         cmd += ["--workdir", args.workdir]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -123,6 +125,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512, help="calibration tokens per sample")
     p.add_argument("--windows", type=int, default=32, help="evaluation windows")
     p.add_argument("--eval-seq-len", type=int, default=512, help="evaluation window length")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per run (0 = torch's default)")
     p.add_argument("--only", nargs="*", help="run only these rows (names as in the table)")
     p.add_argument("--workdir", default=None, help="where temporary quantized folders go")
     p.add_argument("--markdown", default=None, help="also write the table to this file")
@@ -141,14 +144,24 @@ def main() -> None:
         row = _run(name, args)
         rows.append(row)
         print(f"{name}: {json.dumps(row)} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
-    table = _table(rows)
-    print(table)
-    if args.markdown:
-        cmd = "python benchmarks/quality.py " + " ".join(a for a in sys.argv[1:])
-        Path(args.markdown).write_text(
-            f"# Quality on SmolLM2-135M-Instruct\n\nCommand: `{cmd.strip()}`\n\n"
-            f"Machine: {os.cpu_count()} CPU threads, torch {__import__('torch').__version__}.\n\n{table}\n"
-        )
+        if args.markdown:  # rewritten after every row so a long run leaves partial results
+            _write_markdown(Path(args.markdown), rows, args)
+    print(_table(rows))
+
+
+def _write_markdown(path: Path, rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    import shlex
+
+    import torch
+
+    cmd = "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    path.write_text(
+        f"# Quality on SmolLM2-135M-Instruct\n\nCommand: `{cmd.strip()}`\n\n"
+        f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, {args.threads or torch.get_num_threads()} "
+        f"torch thread(s) per run. Calibration: {args.samples} samples x {args.seq_len} tokens of the builtin "
+        f"corpus; evaluation: {args.windows} windows x {args.eval_seq_len} tokens of its held-out half.\n\n"
+        f"{_table(rows)}\n"
+    )
 
 
 if __name__ == "__main__":
