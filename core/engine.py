@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ctypes
 import fnmatch
+import hashlib
+import json
 import logging
 import math
 import threading
@@ -38,10 +40,14 @@ from core.events import (
     null_sink,
 )
 from core.export import default_export, exporters_accepting, get_exporter
+from core.export.convert import write_extra_files
 from core.methods.base import LayerContext, get_quantizer
 from core.metrics import weight_error
 from core.model_io import ModelSource, open_model
-from core.output import OutputWriter, json_safe, output_config, package_versions
+from core.output import InterruptedJob as InterruptedJob  # re-exported: the GUI's resume prompt
+from core.output import OutputWriter, file_sha256, json_safe, output_config, package_versions
+from core.output import find_interrupted as find_interrupted  # re-exported: the GUI's resume prompt
+from core.primitives import affine_error_sums
 from core.qtensors import IntWeight, QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -186,10 +192,19 @@ def _ordered_linears(layer: nn.Module) -> list[tuple[str, nn.Linear]]:
     return sorted(found, key=lambda nm: rank.get(nm[0].rsplit(".", 1)[-1], len(rank)))
 
 
-def layer_weight_error(w: torch.Tensor, w_hat: torch.Tensor) -> dict[str, float]:
-    """`core.metrics.weight_error` (mse, rel_error, sqnr_db, same definitions). Large weights are
+def layer_weight_error(w: torch.Tensor, w_hat: torch.Tensor | QuantizedWeight) -> dict[str, float]:
+    """`core.metrics.weight_error` (mse, rel_error, sqnr_db, same definitions) of w against w_hat,
+    a dequantized tensor or the quantized weight itself. A plain grouped / per-channel / per-tensor
+    IntWeight is measured in one fused pass over row chunks (dequantize, difference, float64
+    accumulation) that never materialises ŵ; anything else is dequantized first. Large tensors are
     measured in float32 row chunks with float64 accumulation instead of whole float64 copies,
     which would cost several hundred MB and most of the time on a 58M-element linear."""
+    if isinstance(w_hat, IntWeight) and w_hat.g_idx is None and w.dim() == 2:
+        sums = affine_error_sums(w.detach(), w_hat.codes, w_hat.scale, w_hat.zero, w_hat.group_size)
+        if sums is not None:
+            return _error_from_sums(*sums, w.numel())
+    if not isinstance(w_hat, torch.Tensor):
+        w_hat = dequantize_weight(w_hat).reshape(w.shape)
     if w.numel() <= _METRIC_EXACT_NUMEL:
         return weight_error(w, w_hat)
     noise = signal = 0.0
@@ -197,7 +212,11 @@ def layer_weight_error(w: torch.Tensor, w_hat: torch.Tensor) -> dict[str, float]
         a = w[r:r + _METRIC_ROWS].float()
         noise += float(torch.linalg.vector_norm(a - w_hat[r:r + _METRIC_ROWS].float(), dtype=torch.float32)) ** 2
         signal += float(torch.linalg.vector_norm(a, dtype=torch.float32)) ** 2
-    mse = noise / max(w.numel(), 1)
+    return _error_from_sums(noise, signal, w.numel())
+
+
+def _error_from_sums(noise: float, signal: float, numel: int) -> dict[str, float]:
+    mse = noise / max(numel, 1)
     rel = math.sqrt(noise / signal) if signal > 0 else (0.0 if noise == 0 else math.inf)
     sqnr = math.inf if noise == 0 else (10.0 * math.log10(signal / noise) if signal > 0 else -math.inf)
     return {"mse": mse, "rel_error": rel, "sqnr_db": sqnr}
@@ -396,7 +415,8 @@ def run_quantization(job: QuantJob, *, sink: Sink = null_sink, cancel: CancelTok
     stem = [n for n in src.non_layer_tensor_names() if n not in head]
     groups = ([stem] if stem else []) + [[]] * src.num_layers + ([head] if head else [])
     first_layer_shard = 1 if stem else 0
-    writer = OutputWriter(job.out, num_shards=len(groups), overwrite=job.overwrite, resume=job.resume)
+    writer = OutputWriter(job.out, num_shards=len(groups), overwrite=job.overwrite, resume=job.resume,
+                          source=src.path, fingerprint=job_fingerprint(job, src, export_name))
     writer.check_target()
 
     model, hf_config = _meta_model(src)
@@ -413,13 +433,21 @@ def run_quantization(job: QuantJob, *, sink: Sink = null_sink, cancel: CancelTok
     settings = settings_dict(job.method)
 
     with _RssMonitor() as rss, writer:
+        if writer.fresh_reason:
+            emit(Log("warning", f"not resuming, starting fresh: {writer.fresh_reason}"))
+        elif writer.replaced_partial is not None:
+            emit(Log("warning", f"{writer.replaced_partial.describe()}; it was replaced by this new run "
+                                f"(pass --resume to continue an interrupted job instead)"))
         emit(Log("info", f"{src.architecture}, {src.num_layers} layers, {src.total_bytes / GIB:.2f} GiB "
                          f"{src.source_dtype}; method {job.method.method}, export {export_name}"))
-        writer.set_journal_info(model=str(src.path), method=job.method.method, settings=settings, export=export_name)
+        writer.set_journal_info(model=str(src.path), method=job.method.method, settings=settings, export=export_name,
+                                num_layers=src.num_layers)
         if stem:
             _copy_tensors(writer, 0, stem, src)
         calib = _build_calibration(job, src, model, hf_config, emit) if calibrated else None
-        finished = writer.finished_layers() if (job.resume and not calibrated) else {}
+        finished = _resumable_layers(writer, calib, src.num_layers, emit) if job.resume else {}
+        if finished:
+            emit(Log("info", f"resuming: {len(finished)}/{src.num_layers} layers reused from the interrupted run"))
 
         emit(StageStarted("quantize", total=n_linears, message=f"{src.num_layers} decoder layers"))
         emit(Progress("quantize", 0, n_linears))
@@ -444,7 +472,8 @@ def run_quantization(job: QuantJob, *, sink: Sink = null_sink, cancel: CancelTok
             done += len(layer_records)
             records.extend(layer_records)
             quantized_names.extend(r["name"] for r in layer_records)
-            writer.record_layer(i, layer_records, shard)
+            writer.record_layer(i, layer_records, shard,
+                                calib={f"hidden.{j}": h for j, h in enumerate(calib.hidden)} if calib else None)
             layers[i].to("meta")  # free this layer's weights
             _release_freed_memory()
             emit(MemorySample(rss.sample() / GIB))
@@ -455,6 +484,7 @@ def run_quantization(job: QuantJob, *, sink: Sink = null_sink, cancel: CancelTok
             _copy_tensors(writer, len(groups) - 1, head, src)
         qconfig = exporter.quantization_config(job.method, quantized_names, ignored_names)
         config = output_config(src.config, qconfig, src.source_dtype)
+        write_extra_files(writer, exporter, qconfig)
         seconds = time.perf_counter() - t_start
         report = {
             "quantscope_version": package_versions().get("quantscope"),
@@ -558,9 +588,7 @@ def _quantize_layer(
         check_cancel(cancel)
         full = f"{prefix}{rel}"
         q = quantized[rel]
-        w_hat = dequantize_weight(q).reshape(lin.weight.shape)
-        metrics = layer_weight_error(lin.weight.detach(), w_hat)
-        del w_hat
+        metrics = layer_weight_error(lin.weight.detach(), q)
         if rel in out_errors:
             metrics["output_rel_error"] = out_errors[rel]
         for k, v in metrics.items():
@@ -583,6 +611,67 @@ def _quantize_layer(
             continue
         shard_tensors[f"{prefix}{rel}"] = t.to(stored_dtype.get(rel, src.source_dtype))
     return records, writer.write_shard(shard, shard_tensors)
+
+
+def job_fingerprint(job: QuantJob, src: ModelSource, export_name: str) -> str:
+    """sha256 of everything that decides a layer's output: the model (config.json bytes, every
+    tensor's name/shape/dtype/offsets, each weight file's size and mtime), the method settings,
+    export format, skip list, calibration (with the calibration file's content hash) and the
+    Quantscope version. A resume whose fingerprint differs starts fresh."""
+    from core import __version__
+
+    config_file = src.path / "config.json" if src.path.is_dir() else src.path
+    files = []
+    for f in src.files:
+        st = f.stat()
+        files.append([f.name, st.st_size, st.st_mtime_ns])
+    calib = None
+    if job.calib is not None and job.method.method in _calibrated_methods():
+        calib = {"source": job.calib.source, "samples": job.calib.samples, "seq_len": job.calib.seq_len,
+                 "seed": job.calib.seed}
+        if job.calib.source != "builtin":
+            calib["source"] = str(Path(job.calib.source).resolve())
+            calib["sha256"] = file_sha256(Path(job.calib.source))
+    doc = {
+        "config": hashlib.sha256(config_file.read_bytes()).hexdigest() if config_file.is_file() else None,
+        "tensors": sorted([n, list(t.shape), t.dtype, t.file.name, list(t.data_offsets)]
+                          for n, t in src.tensors.items()),
+        "files": sorted(files),
+        "method": job.method.method,
+        "settings": settings_dict(job.method),
+        "export": export_name,
+        "skip": list(job.skip),
+        "calibration": calib,
+        "version": __version__,
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _calibrated_methods() -> tuple[str, ...]:
+    from core.config import CALIBRATED_METHODS
+
+    return tuple(CALIBRATED_METHODS)
+
+
+def _resumable_layers(writer: OutputWriter, calib: _Calibration | None, num_layers: int,
+                      emit: Sink) -> dict[int, dict[str, Any]]:
+    """Finished layers a resume may reuse. Calibrated methods continue only after the longest run
+    of finished layers from layer 0 whose propagated hidden states were saved, and take those
+    states over, so that the remaining layers see exactly the inputs of an uninterrupted run."""
+    finished = writer.finished_layers()
+    if calib is None or not finished:
+        return finished
+    saved = writer.saved_calibration()
+    k = 0
+    while k in finished:
+        k += 1
+    if saved is None or saved[0] != k - 1:
+        emit(Log("warning", "the interrupted run saved no calibration state for its last layer; "
+                            "calibrated layers are quantized again from layer 1"))
+        return {}
+    hidden = saved[1]
+    calib.hidden = [hidden[f"hidden.{j}"] for j in range(len(hidden))]
+    return {i: finished[i] for i in range(k)}
 
 
 def _expect(result: dict[str, QuantizedWeight], rel: str, prefix: str) -> QuantizedWeight:

@@ -9,11 +9,14 @@ place. `abort()` (or leaving the `with` block by an exception) removes the tempo
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
 import shutil
 import struct
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,10 @@ log = logging.getLogger(__name__)
 INDEX_FILE = "model.safetensors.index.json"
 REPORT_FILE = "quantscope_report.json"
 JOURNAL_FILE = "quantscope_journal.json"
+CALIB_PREFIX = "calib-after-layer-"
+
+# The journal's layout version: a journal written by another layout is never trusted.
+_JOURNAL_VERSION = 1
 
 # Files copied from the source folder as they are.
 _COPIED = (
@@ -40,6 +47,101 @@ def partial_dir(target: Path) -> Path:
 def shard_name(index: int, total: int) -> str:
     """Hugging Face shard naming, 0-based index: model-00001-of-00003.safetensors."""
     return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a complete safetensors file (header parses, data fills the file), or None."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return "shorter than a safetensors header"
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                return "header length beyond the end of the file"
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        return f"unreadable header ({exc})"
+    if 8 + n + end != size:
+        return f"{size} bytes, the header describes {8 + n + end}"
+    return None
+
+
+def _check_out_path(target: Path, source: Path | None, overwrite: bool) -> None:
+    """Refuse output paths that would destroy the model being quantized or a system/home folder."""
+    resolved = target.resolve()
+    home = Path.home().resolve()
+    if resolved == Path(resolved.anchor) or resolved == home or resolved in home.parents or len(resolved.parts) <= 2:
+        raise ValueError(f"--out {target} is a system or home folder that Quantscope will never replace; "
+                         "choose a new folder such as ./model-quantized")
+    if source is not None:
+        src = source.expanduser().resolve()
+        src = src if src.is_dir() or not src.exists() else src.parent
+        if resolved == src or src in resolved.parents or resolved in src.parents:
+            where = "is" if resolved == src else ("is inside" if src in resolved.parents else "contains")
+            raise ValueError(f"--out {target} {where} the model folder {src}; choose an output folder outside "
+                             "the model folder (--overwrite never replaces the source model)")
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise ValueError(f"{parent} (on the path of --out {target}) is a file, not a folder; "
+                         "choose an --out whose parent is a folder")
+
+
+@dataclass(frozen=True)
+class InterruptedJob:
+    """A quantization that a crash left in `out`'s temporary folder (read from its journal)."""
+
+    out: Path
+    partial: Path
+    layers_done: int
+    total_layers: int
+    method: str
+    model: str
+    export: str
+    when: float  # time of the last journal write (seconds since the epoch)
+
+    def describe(self) -> str:
+        stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.when))
+        return (f"an interrupted job was found for {self.out} ({self.method} of {self.model}, "
+                f"{self.layers_done}/{self.total_layers} layers done, {stamp})")
+
+
+def read_journal(target: Path) -> dict[str, Any] | None:
+    """The journal of `target`'s temporary folder, or None when there is none or it is unreadable."""
+    path = partial_dir(Path(target).expanduser().absolute()) / JOURNAL_FILE
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and isinstance(doc.get("layers"), dict) else None
+
+
+def find_interrupted(out: str | os.PathLike) -> InterruptedJob | None:
+    """The job a crash left behind for output folder `out`, or None (no journal, or nothing done)."""
+    target = Path(out).expanduser().absolute()
+    doc = read_journal(target)
+    if doc is None or doc.get("version") != _JOURNAL_VERSION:
+        return None
+    path = partial_dir(target) / JOURNAL_FILE
+    try:
+        when = path.stat().st_mtime
+    except OSError:
+        return None
+    return InterruptedJob(out=target, partial=partial_dir(target), layers_done=len(doc["layers"]),
+                          total_layers=int(doc.get("num_layers", 0)), method=str(doc.get("method", "?")),
+                          model=str(doc.get("model", "?")), export=str(doc.get("export", "?")), when=when)
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -86,19 +188,25 @@ class OutputWriter:
     """
 
     def __init__(self, target: str | os.PathLike, *, num_shards: int, overwrite: bool = False,
-                 resume: bool = False) -> None:
+                 resume: bool = False, source: Path | None = None, fingerprint: str | None = None) -> None:
         self.target = Path(target).expanduser().absolute()
         self.tmp = partial_dir(self.target)
         self.num_shards = num_shards
         self.overwrite = overwrite
         self.resume = resume
+        self.source = source
+        self.fingerprint = fingerprint
         self.weight_map: dict[str, str] = {}
-        self._journal: dict[str, Any] = {"layers": {}}
+        self._journal: dict[str, Any] = {"version": _JOURNAL_VERSION, "fingerprint": fingerprint, "layers": {}}
         self._done = False
+        # Set by __enter__: why a resume started fresh, and whether a crashed run's folder was replaced.
+        self.fresh_reason: str | None = None
+        self.replaced_partial: InterruptedJob | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def check_target(self) -> None:
         """Refuse an existing output folder unless overwriting (before any work is done)."""
+        _check_out_path(self.target, self.source, self.overwrite)
         if self.target.exists() and not self.overwrite:
             raise ValueError(f"output folder {self.target} already exists; pass --overwrite to replace it "
                              "or choose another --out")
@@ -109,14 +217,50 @@ class OutputWriter:
 
     def __enter__(self) -> OutputWriter:
         self.check_target()
-        if self.tmp.exists() and not self.resume:
-            shutil.rmtree(self.tmp)  # a stale leftover of a crashed run
+        if self.tmp.exists():
+            if self.resume:
+                self.fresh_reason = self._load_journal()
+            else:
+                self.replaced_partial = find_interrupted(self.target)
+            if not self.resume or self.fresh_reason:
+                shutil.rmtree(self.tmp)  # a stale leftover of a crashed run
+        elif self.resume:
+            self.fresh_reason = f"no interrupted job in {self.tmp}"
         self.tmp.mkdir(exist_ok=True)
-        journal = self.tmp / JOURNAL_FILE
-        if self.resume and journal.is_file():
-            self._journal = json.loads(journal.read_text())
-            self.weight_map = dict(self._journal.get("weight_map", {}))
         return self
+
+    def _load_journal(self) -> str | None:
+        """Take over a crashed run's journal; the reason it cannot be trusted, or None."""
+        doc = read_journal(self.target)
+        if doc is None or doc.get("version") != _JOURNAL_VERSION:
+            return f"the journal in {self.tmp} is missing or unreadable"
+        if doc.get("fingerprint") != self.fingerprint:
+            return ("the model, its files, the settings, the calibration or the Quantscope version changed "
+                    "since the interrupted run")
+        for entry in list(doc["layers"].values()) + ([doc["calib"]] if doc.get("calib") else []):
+            problem = self._file_problem(entry)
+            if problem:
+                return problem
+        self._journal = doc
+        self.weight_map = dict(doc.get("weight_map", {}))
+        return None
+
+    def _file_problem(self, entry: Any) -> str | None:
+        try:
+            path = self.tmp / entry["file"]
+            size, digest = int(entry["size"]), entry["sha256"]
+        except (KeyError, TypeError, ValueError):
+            return f"the journal in {self.tmp} is corrupted"
+        if not path.is_file():
+            return f"checkpoint {path.name} is missing"
+        if path.stat().st_size != size:
+            return f"checkpoint {path.name} is damaged ({path.stat().st_size} bytes, {size} expected)"
+        problem = safetensors_problem(path)
+        if problem:
+            return f"checkpoint {path.name} is damaged ({problem})"
+        if file_sha256(path) != digest:
+            return f"checkpoint {path.name} is damaged (its sha256 differs from the journal's)"
+        return None
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None or not self._done:
@@ -145,11 +289,27 @@ class OutputWriter:
             self.weight_map[k] = name
         return name
 
-    def record_layer(self, index: int, metrics: list[dict[str, Any]], shard: str) -> None:
-        """Journal a finished decoder layer (rewritten atomically) so a resume can skip it."""
-        self._journal["layers"][str(index)] = {"shard": shard, "metrics": metrics}
+    def record_layer(self, index: int, metrics: list[dict[str, Any]], shard: str,
+                     calib: dict[str, torch.Tensor] | None = None) -> None:
+        """Journal a finished decoder layer (rewritten atomically) so a resume can skip it. For
+        calibrated methods `calib` holds the hidden states entering the next layer: they are saved
+        first, the journal then points at them and only then the previous ones are deleted, so a
+        crash at any moment leaves a journal whose files all exist."""
+        path = self.tmp / shard
+        entry = {"shard": shard, "file": shard, "size": path.stat().st_size, "sha256": file_sha256(path),
+                 "metrics": metrics}
+        old = self._journal.get("calib")
+        if calib is not None:
+            name = f"{CALIB_PREFIX}{index:05d}.safetensors"
+            cpath = self.tmp / name
+            self._write_tensors(cpath, calib)
+            self._journal["calib"] = {"layer": index, "file": name, "size": cpath.stat().st_size,
+                                      "sha256": file_sha256(cpath)}
+        self._journal["layers"][str(index)] = entry
         self._journal["weight_map"] = self.weight_map
         self._write_json(self.tmp / JOURNAL_FILE, self._journal)
+        if calib is not None and old and old.get("file") != self._journal["calib"]["file"]:
+            (self.tmp / old["file"]).unlink(missing_ok=True)
 
     def set_journal_info(self, **info: Any) -> None:
         self._journal.update(info)
@@ -158,6 +318,23 @@ class OutputWriter:
         """Layers a previous run finished (from the journal), index -> {shard, metrics}."""
         return {int(k): v for k, v in self._journal.get("layers", {}).items()
                 if (self.tmp / v["shard"]).is_file()}
+
+    def saved_calibration(self) -> tuple[int, dict[str, torch.Tensor]] | None:
+        """(layer index, hidden states entering the layer after it) saved by a previous run, or None."""
+        entry = self._journal.get("calib")
+        if not entry:
+            return None
+        from safetensors.torch import load_file
+
+        return int(entry["layer"]), load_file(str(self.tmp / entry["file"]))
+
+    def _write_tensors(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
+        try:
+            write_safetensors(path, tensors, metadata={"format": "pt"})
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise _disk_full(path, exc) from exc
+            raise
 
     def _write_json(self, path: Path, doc: Any) -> None:
         tmp = path.with_name(path.name + ".tmp")
@@ -187,6 +364,8 @@ class OutputWriter:
                     raise
         self._write_json(self.tmp / REPORT_FILE, report)
         (self.tmp / JOURNAL_FILE).unlink(missing_ok=True)
+        for f in self.tmp.glob(f"{CALIB_PREFIX}*.safetensors"):
+            f.unlink()
         self._move_into_place()
         self._done = True
         return self.target

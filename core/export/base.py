@@ -82,6 +82,10 @@ def default_export(method_config: Any) -> str:
         return "bitsandbytes"
     if method in ("rtn", "gptq", "awq") and not method_config.sym:
         return "awq" if method == "awq" and method_config.bits == 4 else "gptq"
+    if method == "gptq" and method_config.act_order and not getattr(method_config, "static_groups", True):
+        # compressed-tensors no longer stores a g_idx, so a non-monotonic (act-order without static
+        # groups) column-to-group map only fits the GPTQ layout.
+        return "gptq"
     return "compressed-tensors"
 
 

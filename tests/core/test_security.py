@@ -261,8 +261,6 @@ def test_quantize_refuses_to_write_into_the_model_folder(
     assert _snapshot(own_model) == before
 
 
-@pytest.mark.xfail(strict=True, reason="neither core/output.py nor `quantize` compares --out with the model "
-                   "folder: with --overwrite the source model is replaced by its quantized output")
 def test_quantize_with_overwrite_still_refuses_the_model_folder(
     own_model: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -302,8 +300,6 @@ def test_output_writer_refuses_a_file_as_parent(tmp_path: Path) -> None:
     assert blocker.read_text() == "a file"
 
 
-@pytest.mark.xfail(strict=True, reason="core/output.py refuses '/' only because it exists; with "
-                   "overwrite=True check_target accepts it")
 def test_output_writer_refuses_the_filesystem_root_even_with_overwrite() -> None:
     from core.output import OutputWriter
 
