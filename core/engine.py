@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field, is_dataclass
@@ -67,6 +68,10 @@ _METRIC_ROWS = 1024
 
 # Calibration tokens per forward batch.
 _CALIB_TOKENS_PER_BATCH = 4096
+
+# Seconds to wait after journaling each layer: only the crash/resume fault tests set it, so that
+# a tiny model's run lasts long enough to be killed between two layers.
+_TEST_DELAY_ENV = "QUANTSCOPE_TEST_LAYER_DELAY"
 
 
 @dataclass
@@ -475,6 +480,8 @@ def run_quantization(job: QuantJob, *, sink: Sink = null_sink, cancel: CancelTok
             writer.record_layer(i, layer_records, shard,
                                 calib={f"hidden.{j}": h for j, h in enumerate(calib.hidden)} if calib else None)
             layers[i].to("meta")  # free this layer's weights
+            if os.environ.get(_TEST_DELAY_ENV):
+                time.sleep(float(os.environ[_TEST_DELAY_ENV]))
             _release_freed_memory()
             emit(MemorySample(rss.sample() / GIB))
             emit(Log("info", f"layer {i + 1}/{src.num_layers} done"))

@@ -43,6 +43,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--export", default=None, help="checkpoint layout (default: the method's usual layout)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a crashed job for the same --out from its last finished layer "
+                        "(starts fresh, saying why, when the model or settings changed)")
+    p.add_argument("--verify", action="store_true",
+                   help="after writing, load the output with its consumer library and compare logits "
+                        "with Quantscope's model (a mismatch exits non-zero; the output is kept)")
     g = p.add_argument_group("integer methods (rtn, gptq, awq)")
     g.add_argument("--bits", type=int, default=None, help="2-8 (default 4)")
     g.add_argument("--group-size", type=int, default=None, help="columns per scale group; -1 = per channel")
@@ -202,6 +208,17 @@ class ProgressPrinter:
         stream.flush()
 
 
+def _verify(out: Path) -> tuple[dict[str, Any], str | None]:
+    """`quantscope export --verify`'s check on the output: (report, error message or None)."""
+    from core.cli.export import verify
+    from core.export.verify import VerifyError
+
+    try:
+        return verify(out), None
+    except VerifyError as exc:
+        return {"ok": False, "error": str(exc)}, str(exc)
+
+
 def run(args: argparse.Namespace) -> int:
     from core.config import DEFAULT_SKIP, QuantJob
     from core.engine import run_quantization
@@ -210,11 +227,19 @@ def run(args: argparse.Namespace) -> int:
     job = QuantJob(
         model=args.model, out=args.out, method=method, calib=calib_config(args), export=args.export,
         skip=tuple(dict.fromkeys(DEFAULT_SKIP + tuple(args.skip))), overwrite=args.overwrite,
+        resume=args.resume,
     )
     result = run_quantization(job, sink=ProgressPrinter())
+    verify_error = None
+    doc = result.to_json()
+    if args.verify:
+        doc["verify"], verify_error = _verify(result.output)
+        if verify_error:
+            sys.stderr.write(f"quantscope quantize: error: verification failed (output kept in {result.output}): "
+                             f"{verify_error}\n")
     if args.json:
-        emit_json(result.to_json())
-        return 0
+        emit_json(doc)
+        return 2 if verify_error else 0
     errors = [r["rel_error"] for r in result.layers]
     mean_rel = sum(errors) / len(errors) if errors else 0.0
     sys.stdout.write(
@@ -222,4 +247,4 @@ def run(args: argparse.Namespace) -> int:
         f"{len(result.layers)} linears quantized in {result.seconds:.1f} s; mean relative error {mean_rel:.4f}; "
         f"peak RSS {result.peak_rss_gib:.2f} GiB; {result.source_gib:.3f} GiB -> {result.output_gib:.3f} GiB\n"
     )
-    return 0
+    return 2 if verify_error else 0
