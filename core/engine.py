@@ -48,7 +48,6 @@ from core.model_io import ModelSource, open_model
 from core.output import InterruptedJob as InterruptedJob  # re-exported: the GUI's resume prompt
 from core.output import OutputWriter, file_sha256, json_safe, output_config, package_versions
 from core.output import find_interrupted as find_interrupted  # re-exported: the GUI's resume prompt
-from core.primitives import affine_error_sums
 from core.qtensors import IntWeight, QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -205,6 +204,8 @@ def layer_weight_error(w: torch.Tensor, w_hat: torch.Tensor | QuantizedWeight) -
     measured in float32 row chunks with float64 accumulation instead of whole float64 copies,
     which would cost several hundred MB and most of the time on a 58M-element linear."""
     if isinstance(w_hat, IntWeight) and w_hat.g_idx is None and w.dim() == 2:
+        from core.primitives import affine_error_sums
+
         sums = affine_error_sums(w.detach(), w_hat.codes, w_hat.scale, w_hat.zero, w_hat.group_size)
         if sums is not None:
             return _error_from_sums(*sums, w.numel())

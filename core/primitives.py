@@ -130,9 +130,16 @@ def choose_qparams(
         raise ValueError(f"bits must be between 1 and 8{_label(name)}, got {bits}")
     granularity = Granularity(granularity)
     gs = resolve_group_size(w.shape[1], granularity, group_size, name)
-    x = _blocks(w.float(), granularity, gs)
-    lo = x.amin(dim=-1, keepdim=True).clamp(max=0)
-    hi = x.amax(dim=-1, keepdim=True).clamp(min=0)
+    x = _blocks(w if w.dtype == torch.float32 else w.float(), granularity, gs)
+    lo, hi = torch.aminmax(x, dim=-1, keepdim=True)  # one pass over the weight, not two
+    # A NaN/Inf anywhere in a group makes its min or max non-finite: the only full-tensor finite
+    # check this weight needs.
+    if not (bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())):
+        n_bad = int((~torch.isfinite(w)).sum())
+        raise ValueError(f"weight{_label(name)} contains {n_bad} NaN/Inf value(s); the checkpoint is damaged, "
+                         "re-download or repair it before quantizing")
+    lo = lo.clamp_(max=0)
+    hi = hi.clamp_(min=0)
     scale, zero = _qparams_from_range(lo, hi, bits, sym)
     if clip_search:
         best_err = torch.full_like(scale, math.inf)
@@ -153,6 +160,24 @@ def _expand_groups(t: torch.Tensor, n_in: int, group_size: int) -> torch.Tensor:
     return t.repeat_interleave(group_size, dim=1)[:, :n_in]
 
 
+# Elements per chunk of the fused row loops: small enough that the float32 scratch (and the rows
+# of the weight it came from) stay in the 2 × 512 KiB of L2, large enough that torch still splits
+# the work over two threads and the per-chunk Python overhead stays below a few percent.
+_CHUNK_ELEMS = 1 << 16
+
+
+def _group_view(n_in: int, scale: torch.Tensor, group_size: int) -> int | None:
+    """Columns per scale group when (scale, group_size) tile the columns exactly, else None."""
+    groups = scale.shape[1]
+    if groups == 1:
+        return n_in
+    return group_size if groups * group_size == n_in else None
+
+
+def _row_chunks(out: int, n_in: int) -> range:
+    return range(0, out, max(1, _CHUNK_ELEMS // max(n_in, 1)))
+
+
 def quantize_affine(
     w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int
 ) -> torch.Tensor:
@@ -161,11 +186,31 @@ def quantize_affine(
     w: float [out, in]; scale float [rows, G], zero int [rows, G] with rows ∈ {1, out} and
     G = in/group_size (or 1). Returns uint8 [out, in] in [0, 2^bits − 1].
     """
-    n_in = w.shape[1]
-    s = _expand_groups(scale.float(), n_in, group_size)
-    z = _expand_groups(zero.float(), n_in, group_size)
-    q = torch.clamp(torch.round(w.float() / s) + z, 0, 2**bits - 1)
-    return q.to(torch.uint8)
+    out, n_in = w.shape
+    gs = _group_view(n_in, scale, group_size)
+    qmax = 2**bits - 1
+    if gs is None:
+        s = _expand_groups(scale.float(), n_in, group_size)
+        z = _expand_groups(zero.float(), n_in, group_size)
+        return torch.clamp(torch.round(w.float() / s) + z, 0, qmax).to(torch.uint8)
+    # Row chunks through one float32 scratch: divide, round, shift and clamp in place while the
+    # chunk is in cache, then narrow straight into the codes. Same operations, same order, as
+    # clamp(round(w / s) + z) on the whole tensor, so the codes are bit-identical.
+    groups = n_in // gs
+    s3 = scale.float().reshape(scale.shape[0], -1, 1)
+    z3 = zero.float().reshape(zero.shape[0], -1, 1)
+    per_row = scale.shape[0] != 1
+    codes = torch.empty(out, n_in, dtype=torch.uint8)
+    step = max(1, _CHUNK_ELEMS // n_in)
+    scratch = torch.empty(min(step, out) * n_in, dtype=torch.float32)
+    for r0 in range(0, out, step):
+        r1 = min(r0 + step, out)
+        x = w[r0:r1].reshape(r1 - r0, groups, gs)
+        buf = scratch[: (r1 - r0) * n_in].view(r1 - r0, groups, gs)
+        torch.div(x, s3[r0:r1] if per_row else s3, out=buf)
+        buf.round_().add_(z3[r0:r1] if per_row else z3).clamp_(0, qmax)
+        codes[r0:r1].view(r1 - r0, groups, gs).copy_(buf)
+    return codes
 
 
 def dequantize_affine(
@@ -176,6 +221,40 @@ def dequantize_affine(
     s = _expand_groups(scale.float(), n_in, group_size)
     z = _expand_groups(zero.float(), n_in, group_size)
     return (codes.float() - z) * s
+
+
+def affine_error_sums(
+    w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int
+) -> tuple[float, float] | None:
+    """(Σ(w − x̂)², Σw²) for x̂ = dequantize_affine(codes, scale, zero), without materialising x̂.
+
+    Row chunks: x̂ is rebuilt in a float32 scratch exactly as dequantize_affine computes it, the
+    difference taken in float32 and squared-summed with float64 accumulation. Returns None when
+    (scale, group_size) do not tile the columns (the caller falls back to a full dequantization).
+    """
+    out, n_in = codes.shape
+    gs = _group_view(n_in, scale, group_size)
+    if gs is None or tuple(w.shape) != (out, n_in):
+        return None
+    groups = n_in // gs
+    s3 = scale.float().reshape(scale.shape[0], -1, 1)
+    z3 = zero.float().reshape(zero.shape[0], -1, 1)
+    per_row = scale.shape[0] != 1
+    step = max(1, _CHUNK_ELEMS // n_in)
+    scratch = torch.empty(min(step, out) * n_in, dtype=torch.float32)
+    noise = torch.zeros((), dtype=torch.float64)
+    signal = torch.zeros((), dtype=torch.float64)
+    for r0 in range(0, out, step):
+        r1 = min(r0 + step, out)
+        x = w[r0:r1].reshape(r1 - r0, groups, gs)
+        buf = scratch[: (r1 - r0) * n_in].view(r1 - r0, groups, gs)
+        buf.copy_(codes[r0:r1].view(r1 - r0, groups, gs))
+        buf.sub_(z3[r0:r1] if per_row else z3).mul_(s3[r0:r1] if per_row else s3)
+        buf.sub_(x)
+        xf = x.reshape(-1) if x.dtype == torch.float32 else x.reshape(-1).float()
+        noise += torch.linalg.vecdot(buf.view(-1), buf.view(-1)).double()
+        signal += torch.linalg.vecdot(xf, xf).double()
+    return float(noise), float(signal)
 
 
 def quantize_to_intweight(
@@ -210,15 +289,26 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     per_chunk, chunk_bytes = _BYTE_CHUNKS[bits]
     n = codes.shape[-1]
     lead = codes.shape[:-1]
-    c = codes.to(torch.int64)
+    c = codes if codes.dtype == torch.uint8 else codes.to(torch.uint8)
+    if bits == 8:
+        return c.clone(memory_format=torch.contiguous_format)
     pad = (-n) % per_chunk
     if pad:
         c = torch.nn.functional.pad(c, (0, pad))
     c = c.reshape(*lead, -1, per_chunk)
-    shifts = torch.arange(per_chunk, dtype=torch.int64) * bits
-    word = (c << shifts).sum(dim=-1, keepdim=True)  # [..., chunks, 1], at most 56 bits
-    byte_shifts = torch.arange(chunk_bytes, dtype=torch.int64) * 8
-    out = ((word >> byte_shifts) & 0xFF).to(torch.uint8).reshape(*lead, -1)
+    # The narrowest integer that holds a chunk: a byte for 1/2/4 bits (no widening at all), int32
+    # for the 24-bit chunks of 3/6 bits, int64 only for the 40/56-bit chunks of 5/7 bits.
+    wide = torch.uint8 if chunk_bytes == 1 else (torch.int32 if chunk_bytes <= 3 else torch.int64)
+    word = c[..., 0].to(wide, copy=True)  # never OR into the caller's codes
+    for j in range(1, per_chunk):  # ≤ 8 whole-tensor shifts, one per code slot of a chunk
+        word |= c[..., j].to(wide) << (j * bits)
+    if chunk_bytes == 1:
+        out = word
+    else:
+        out = torch.empty(*word.shape, chunk_bytes, dtype=torch.uint8)
+        for k in range(chunk_bytes):
+            out[..., k] = (word >> (8 * k)) & 0xFF
+        out = out.reshape(*lead, -1)
     return out[..., : math.ceil(n * bits / 8)].contiguous()
 
 
