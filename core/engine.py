@@ -442,8 +442,9 @@ def run_quantization(job: QuantJob, *, sink: Sink = null_sink, cancel: CancelTok
         if writer.fresh_reason:
             emit(Log("warning", f"not resuming, starting fresh: {writer.fresh_reason}"))
         elif writer.replaced_partial is not None:
-            emit(Log("warning", f"{writer.replaced_partial.describe()}; it was replaced by this new run "
-                                f"(pass --resume to continue an interrupted job instead)"))
+            job_left = writer.replaced_partial
+            emit(Log("warning", f"{job_left.describe()}; it was replaced by this new run (pass --resume to "
+                                f"continue from layer {job_left.layers_done + 1}/{job_left.total_layers} instead)"))
         emit(Log("info", f"{src.architecture}, {src.num_layers} layers, {src.total_bytes / GIB:.2f} GiB "
                          f"{src.source_dtype}; method {job.method.method}, export {export_name}"))
         writer.set_journal_info(model=str(src.path), method=job.method.method, settings=settings, export=export_name,

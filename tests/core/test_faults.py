@@ -142,7 +142,8 @@ def test_leftover_of_a_crashed_run_is_reported_on_stderr_and_replaced(
     capsys.readouterr()
     assert main(_args(model, out, "rtn")) == 0
     err = capsys.readouterr().err
-    assert "an interrupted job was found" in err and "replaced" in err and "--resume" in err
+    assert "an interrupted job was found" in err and "replaced" in err
+    assert "pass --resume to continue from layer 2/2" in err
     assert (out / "config.json").is_file() and not partial_dir(out).exists()
 
 
@@ -220,3 +221,22 @@ def test_verify_mismatch_exits_non_zero_and_keeps_the_output(tiny_llama_dir: Pat
     assert doc["verify"]["ok"] is False and "does not match" in doc["verify"]["error"]
     assert "verification failed (output kept in" in captured.err
     assert (out / "config.json").is_file()
+
+
+def test_out_inside_or_containing_the_model_folder_is_refused_even_with_overwrite(
+    tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    model = Path(shutil.copytree(tiny_llama_dir, tmp_path / "models" / "tiny"))
+    before = sorted(p.name for p in model.iterdir())
+    assert main(_args(model, model / "q4", "rtn")) == 2
+    assert "is inside the model folder" in capsys.readouterr().err
+    assert main(_args(model, tmp_path / "models", "rtn", "--overwrite")) == 2
+    assert "contains the model folder" in capsys.readouterr().err
+    assert sorted(p.name for p in model.iterdir()) == before
+
+
+def test_home_folder_is_refused_as_output(tiny_llama_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(_args(tiny_llama_dir, Path.home(), "rtn", "--overwrite")) == 2
+    assert "system or home folder" in capsys.readouterr().err
