@@ -81,7 +81,8 @@ def _check_out_path(target: Path, source: Path | None, overwrite: bool) -> None:
     """Refuse output paths that would destroy the model being quantized or a system/home folder."""
     resolved = target.resolve()
     home = Path.home().resolve()
-    if resolved == Path(resolved.anchor) or resolved == home or resolved in home.parents or len(resolved.parts) <= 2:
+    top_level = len(resolved.parts) <= 2 and resolved.exists()  # /usr, /tmp, /mnt ...
+    if resolved == Path(resolved.anchor) or resolved == home or resolved in home.parents or top_level:
         raise ValueError(f"--out {target} is a system or home folder that Quantscope will never replace; "
                          "choose a new folder such as ./model-quantized")
     if source is not None:
