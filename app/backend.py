@@ -361,33 +361,56 @@ def activation_detail(
 
 # ---------------------------------------------------------------- planning
 
-KV_DTYPES = ("fp16", "fp8", "int8")
+def _kv_dtypes() -> tuple[str, ...]:
+    from core import planner
+
+    return tuple(planner.KV_DTYPES)
+
+
+KV_DTYPES = _kv_dtypes()
+_ENGINE_LABELS = {"transformers": "transformers", "vllm": "vLLM", "llama.cpp": "llama.cpp"}
 
 
 def engine_profiles() -> list[tuple[str, str]]:
-    planner = _optional("core.planner")
-    profiles = getattr(planner, "ENGINES", None) if planner is not None else None
-    if profiles:
-        return [(str(k), str(getattr(v, "label", k))) for k, v in (profiles.items() if isinstance(profiles, dict)
-                                                                   else ((p, p) for p in profiles))]
-    return [("transformers", "transformers"), ("vllm", "vLLM"), ("llama.cpp", "llama.cpp")]
+    from core import planner
+
+    return [(name, _ENGINE_LABELS.get(name, name)) for name in planner.ENGINES]
+
+
+# The planner's ModelSpec for each opened source, so dragging a slider does not re-classify
+# every tensor. Keyed by id(); the source is kept alive alongside, so ids are not reused.
+_SPECS: dict[int, tuple[Any, Any]] = {}
+
+
+def model_spec(source: Any) -> Any:
+    from core import planner
+
+    hit = _SPECS.get(id(source))
+    if hit is not None and hit[0] is source:
+        return hit[1]
+    target = source.id if hasattr(source, "hf_repo") else source  # catalog entries plan by id
+    spec = planner.load_model(target)
+    if len(_SPECS) > 16:
+        _SPECS.clear()
+    _SPECS[id(source)] = (source, spec)
+    return spec
 
 
 def plan_rows(source: Any, gpu: GpuOption, *, num_gpus: int, context: int, batch: int, kv_dtype: str,
               engine: str) -> list[dict[str, Any]]:
-    """One dict per format with the keys of `quantscope plan --json` (DESIGN §3) plus `formulas`."""
+    """One dict per format with the keys of `quantscope plan --json` (DESIGN §3), formulas included."""
     from core import planner
 
-    plan = planner.plan(source, gpu.spec, context=context, batch=batch, kv_dtype=kv_dtype, engine=engine,
-                        num_gpus=num_gpus)
-    doc = plan.to_json() if hasattr(plan, "to_json") else plan
-    return list(doc["formats"])
+    plan = planner.plan(model_spec(source), gpu.spec, context=context, batch=batch, kv_dtype=kv_dtype,
+                        engine=engine, num_gpus=num_gpus)
+    return [row.to_json() for row in plan.formats]
 
 
 def offload_split(source: Any, gpu: GpuOption, fmt: str, gpu_layers: int, *, num_gpus: int, context: int,
                   batch: int, kv_dtype: str, engine: str) -> dict[str, Any]:
+    """The same row with a chosen number of decoder layers on the GPU (the offload slider)."""
     from core import planner
 
-    split = planner.plan_offload(source, gpu.spec, fmt, gpu_layers=gpu_layers, context=context, batch=batch,
-                                 kv_dtype=kv_dtype, engine=engine, num_gpus=num_gpus)
-    return split.to_json() if hasattr(split, "to_json") else dict(split)
+    row = planner.plan_offload(model_spec(source), gpu.spec, format=fmt, gpu_layers=gpu_layers, context=context,
+                               batch=batch, kv_dtype=kv_dtype, engine=engine, num_gpus=num_gpus)
+    return row.to_json()

@@ -99,8 +99,10 @@ class TaskRunner(QObject):
         worker.done.connect(self._on_done, Qt.ConnectionType.QueuedConnection)
         worker.failed.connect(self._on_failed, Qt.ConnectionType.QueuedConnection)
         worker.cancelled.connect(self._on_cancelled, Qt.ConnectionType.QueuedConnection)
+        # Direct: QThread.quit is thread-safe, and a queued quit would wait for the UI thread,
+        # which may itself be waiting for this thread to end.
         for sig in (worker.done, worker.failed, worker.cancelled):
-            sig.connect(thread.quit)
+            sig.connect(thread.quit, Qt.ConnectionType.DirectConnection)
         self._thread, self._worker, self._cancel = thread, worker, cancel
         thread.start()
         self.started.emit()
@@ -146,6 +148,7 @@ class TaskRunner(QObject):
         thread = self._thread
         self._thread = self._worker = self._cancel = None
         if thread is not None:
+            thread.quit()
             thread.wait()  # the function has returned; the thread only has to unwind
         self.running_changed.emit(False)
 

@@ -195,12 +195,7 @@ class PlanView(QWidget):
         self.table.setSortingEnabled(False)
         self.table.setRowCount(len(rows))
         for r, row in enumerate(rows):
-            if row["fits"]:
-                colour = pal.fits
-            elif row.get("cpu_layers", 0) and row.get("gpu_layers", 0) is not None and row.get("offload_fits", True):
-                colour = pal.offload
-            else:
-                colour = pal.nofit
+            colour = pal.fits if row["fits"] else pal.offload if row.get("fits_with_offload") else pal.nofit
             for c, (_title, key) in enumerate(COLUMNS):
                 item = QTableWidgetItem(self._cell(row, key))
                 item.setBackground(QBrush(qcolor(colour)))
@@ -221,13 +216,15 @@ class PlanView(QWidget):
     @staticmethod
     def _cell(row: dict[str, Any], key: str) -> str:
         if key == "format":
-            return str(row["format"]) + ("" if row.get("native", True) else "  ⚠")
+            return str(row.get("label") or row["format"]) + ("" if row.get("native", True) else "  ⚠")
         if key == "bits_per_weight":
             return f"{row[key]:.3f}"
         if key == "fits":
             if row["fits"]:
                 return "yes"
-            return "offload" if row.get("cpu_layers") and row.get("offload_fits", True) else "no"
+            if row.get("fits_with_offload"):
+                return "with offload"
+            return f"no ({row.get('missing_gib', 0):.1f} GiB short)"
         if key == "layers":
             return f"{row.get('gpu_layers', 0)} / {row.get('cpu_layers', 0)}"
         if key == "decode_tokens_per_s":
@@ -242,8 +239,10 @@ class PlanView(QWidget):
                 "overhead_gib": "overhead", "total_gib": "total", "decode_tokens_per_s": "decode",
                 "layers": "offload", "fits": "offload"}.get(key)
         text = formulas.get(part, "") if part else ""
-        note = row.get("note") or ""
-        return "\n".join(t for t in (text, note) if t)
+        notes = [row.get("support_note") or ""] if key == "format" else []
+        if key == "format":
+            notes += list(row.get("notes") or [])
+        return "\n".join(t for t in (text, *notes) if t)
 
     def _update_chart(self, rows: list[dict[str, Any]]) -> None:
         x = list(range(len(rows)))
@@ -253,7 +252,7 @@ class PlanView(QWidget):
             bar.setOpts(x=x, height=heights, y0=list(base), width=0.7)
             base = [b + h for b, h in zip(base, heights)]
         axis = self.chart.getPlotItem().getAxis("bottom")
-        axis.setTicks([[(i, r["format"]) for i, r in enumerate(rows)]])
+        axis.setTicks([[(i, str(r.get("label") or r["format"])) for i, r in enumerate(rows)]])
         gpu = self.state.gpu
         if gpu is not None:
             self.gpu_line.setValue(gpu.memory_gib * self.state.num_gpus)
@@ -277,7 +276,7 @@ class PlanView(QWidget):
         if row is None:
             return
         layers = int(row.get("gpu_layers", 0)) + int(row.get("cpu_layers", 0))
-        self.offload_format.setText(str(row["format"]))
+        self.offload_format.setText(str(row.get("label") or row["format"]))
         self.slider.blockSignals(True)
         self.slider.setRange(0, layers)
         self.slider.setValue(int(row.get("gpu_layers", 0)))
@@ -296,18 +295,26 @@ class PlanView(QWidget):
             self.offload_text.setText(str(exc))
             return
         speed = split.get("decode_tokens_per_s")
+        capacity = split.get("capacity_gib", gpu.memory_gib * self.state.num_gpus)
         lines = [
-            f"GPU: {split['gpu_layers']} layers, {split['gpu_gib']:.2f} GiB "
-            f"of {gpu.memory_gib * self.state.num_gpus:.1f} GiB",
-            f"CPU: {split['cpu_layers']} layers, {split['cpu_gib']:.2f} GiB of RAM",
-            f"Decode ≈ {speed:,.1f} tokens/s (batch 1)" if speed else "Decode speed: unknown bandwidth",
+            f"GPU: {split['gpu_layers']} layers, {split['gpu_used_gib']:.2f} GiB of {capacity:.1f} GiB usable",
+            f"CPU: {split['cpu_layers']} layers, {split['cpu_ram_needed_gib']:.2f} GiB of RAM",
+            f"Decode ≈ {speed:,.1f} tokens/s (batch 1)" if speed else "Decode speed: GPU bandwidth unknown",
         ]
-        if not split.get("fits", True):
-            lines.append(f"Does not fit: {split.get('reason', '')}")
+        full = next((r for r in self.rows if r["format"] == row["format"]), None)
+        if speed and full and full.get("decode_tokens_per_s") and full["gpu_layers"] != split["gpu_layers"]:
+            lines[-1] += f" (planner's split: {full['decode_tokens_per_s']:,.1f} tokens/s)"
+        if split.get("missing_gib", 0) > 0:
+            lines.append(f"Does not fit: {split['missing_gib']:.2f} GiB short")
+        elif not split.get("fits") and not split.get("fits_with_offload"):
+            lines.append("Does not fit with this split")
+        if split.get("support_note"):
+            lines.append(split["support_note"])
         self.offload_text.setText("\n".join(lines))
         formulas = dict(row.get("formulas") or {})
         formulas.update(split.get("formulas") or {})
         self.formula.setText("\n".join(f"{k}: {v}" for k, v in formulas.items()))
+        self.offload_formulas = formulas
 
     def _restyle(self, *_: object) -> None:
         pal = self.theme.palette
