@@ -244,11 +244,15 @@ def dequantize_weight(q: QuantizedWeight) -> torch.Tensor:
 def _check_finite(name: str, t: torch.Tensor, src: ModelSource) -> None:
     if not t.is_floating_point():
         return
-    # A cheap float32 sum per chunk first (chunked so a 1 GB embedding never gets a full float32
-    # copy); the exact elementwise test only when a sum is not finite.
+    # A cheap sum per chunk first (chunked so a 1 GB embedding never gets a float32 copy); the
+    # exact elementwise test only when a sum is not finite. The sum stays in the tensor's dtype:
+    # torch accumulates bf16/fp16 in float32 internally, and asking for dtype=float32 instead
+    # converts element by element, 17× slower (0.22 s vs 0.013 s per 64M bf16 values). An fp16
+    # sum that overflows only costs the exact test. FP8 has no native sum kernel.
     flat = t.reshape(-1)
     step = 1 << 24
-    if all(bool(torch.isfinite(flat[i:i + step].sum(dtype=torch.float32))) for i in range(0, flat.numel(), step)):
+    acc = torch.float32 if t.element_size() == 1 else None
+    if all(bool(torch.isfinite(flat[i:i + step].sum(dtype=acc))) for i in range(0, flat.numel(), step)):
         return
     n_bad = int((~torch.isfinite(t)).sum())
     if n_bad:
