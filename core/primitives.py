@@ -312,9 +312,46 @@ def quantize_to_intweight(
     error messages."""
     granularity = Granularity(granularity)
     gs = resolve_group_size(w.shape[1], granularity, group_size, name) if w.dim() == 2 else group_size
-    scale, zero = choose_qparams(w, bits, sym, granularity, gs, clip_search, name)
-    codes = quantize_affine(w, scale, zero, bits, gs)
+    if clip_search or granularity is Granularity.TENSOR or w.dim() != 2 or not 1 <= bits <= 8:
+        scale, zero = choose_qparams(w, bits, sym, granularity, gs, clip_search, name)
+        codes = quantize_affine(w, scale, zero, bits, gs)
+    else:
+        scale, zero, codes = _rtn_rows(w, bits, sym, gs, name)
     return IntWeight(codes=codes, scale=scale, zero=zero, bits=bits, group_size=gs, sym=sym, dtype=dtype)
+
+
+def _rtn_rows(
+    w: torch.Tensor, bits: int, sym: bool, gs: int, name: str | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """choose_qparams + quantize_affine for per-group / per-channel grids in one pass over w: each
+    row chunk gets its ranges, qparams and codes while it is in cache. Per group these are the
+    same operations as the two-step path, so scale, zero and codes are bit-identical."""
+    out, n_in = w.shape
+    groups = n_in // gs
+    qmax = 2**bits - 1
+    scale = torch.empty(out, groups, dtype=torch.float32)
+    zero = torch.empty(out, groups, dtype=torch.int32)
+    codes = torch.empty(out, n_in, dtype=torch.uint8)
+
+    def chunk(r0: int, r1: int, scratch: torch.Tensor) -> bool:
+        x = w[r0:r1].reshape(r1 - r0, groups, gs)
+        lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
+        finite = bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())
+        s, z = _qparams_from_range(lo.clamp_(max=0), hi.clamp_(min=0), bits, sym)
+        scale[r0:r1] = s.squeeze(-1)
+        zero[r0:r1] = z.squeeze(-1)
+        buf = scratch[: (r1 - r0) * n_in].view(r1 - r0, groups, gs)
+        torch.div(x, s, out=buf)
+        buf.round_().add_(z.float()).clamp_(0, qmax)
+        codes[r0:r1].view(r1 - r0, groups, gs).copy_(buf)
+        return finite
+
+    if not all(_over_row_chunks(out, n_in, chunk)):
+        # A NaN/Inf anywhere in a group makes its min or max non-finite.
+        n_bad = int((~torch.isfinite(w)).sum())
+        raise ValueError(f"weight{_label(name)} contains {n_bad} NaN/Inf value(s); the checkpoint is damaged, "
+                         "re-download or repair it before quantizing")
+    return scale, zero, codes
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
