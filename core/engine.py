@@ -254,7 +254,7 @@ def _check_finite(name: str, t: torch.Tensor, src: ModelSource) -> None:
     acc = torch.float32 if t.element_size() == 1 else None
     if all(bool(torch.isfinite(flat[i:i + step].sum(dtype=acc))) for i in range(0, flat.numel(), step)):
         return
-    n_bad = int((~torch.isfinite(t)).sum())
+    n_bad = int((~torch.isfinite(t.float() if acc is not None else t)).sum())
     if n_bad:
         raise ValueError(
             f"tensor {name} in {src.tensors[name].file} contains {n_bad} NaN/Inf value(s); "
