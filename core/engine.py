@@ -527,7 +527,8 @@ def run_quantization(job: QuantJob, *, sink: Sink = null_sink, cancel: CancelTok
 
 
 def _event_metrics(rec: dict[str, Any]) -> dict[str, float]:
-    return {k: v for k, v in rec.items() if k in ("mse", "rel_error", "sqnr_db", "output_rel_error")}
+    """The metrics of a journaled record (everything but its bookkeeping fields)."""
+    return {k: v for k, v in rec.items() if k not in ("name", "layer", "index", "shape", "seconds")}
 
 
 def _copy_tensors(writer: OutputWriter, shard: int, names: list[str], src: ModelSource) -> None:
@@ -557,11 +558,15 @@ def _quantize_layer(
     ctx_prefix = prefix.rstrip(".")
     weight_dtype = stored_dtype.get(f"{next(iter(linears))}.weight", src.source_dtype) if linears else src.source_dtype
 
+    # Methods may report extra per-linear figures (GPTQ loss, AWQ ratio, LLM.int8 outlier columns)
+    # in extra["metrics"][relative name]; one dict shared by every context of this layer.
+    method_metrics: dict[str, dict[str, float]] = {}
+
     def context(subset: dict[str, nn.Linear]) -> LayerContext:
         return LayerContext(
             index=i, num_layers=src.num_layers, prefix=ctx_prefix, module=layer, linears=subset,
             inputs=calib.hidden if calib else None, forward=calib.forward_fn(layer) if calib else None,
-            cancel=cancel, sink=emit, extra={"source_dtype": weight_dtype},
+            cancel=cancel, sink=emit, extra={"source_dtype": weight_dtype, "metrics": method_metrics},
         )
 
     quantized: dict[str, QuantizedWeight] = {}
@@ -604,6 +609,8 @@ def _quantize_layer(
         metrics = layer_weight_error(lin.weight.detach(), q)
         if rel in out_errors:
             metrics["output_rel_error"] = out_errors[rel]
+        metrics.update({k: float(v) for k, v in method_metrics.get(rel, {}).items()
+                        if isinstance(v, (int, float)) and k not in metrics})
         for k, v in metrics.items():
             if isinstance(v, float) and math.isnan(v):
                 raise ValueError(f"quantizing {full} produced NaN error metrics; the weight may be degenerate")

@@ -373,3 +373,20 @@ def test_peak_memory_is_independent_of_model_size(tiny_model_factory, tmp_path: 
     assert grown > 0.06  # GiB: the big model is ~10x the small one
     # Holding the model would add `grown`; streaming adds far less (allow noise).
     assert peaks[1] - peaks[0] < 0.3 * grown, (peaks, sizes)
+
+
+def test_method_metrics_reach_layer_done_events(tiny_llama_dir, tmp_path):
+    """LLM.int8 counts outlier activation columns per linear; the count must arrive with each
+    LayerDone and in the report, not stay inside the method."""
+    from core.config import CalibConfig, LLMInt8Config, QuantJob
+    from core.engine import run_quantization
+    from core.events import LayerDone
+
+    events = []
+    job = QuantJob(model=tiny_llama_dir, out=tmp_path / "int8", method=LLMInt8Config(threshold=0.5),
+                   calib=CalibConfig(samples=2, seq_len=32))
+    result = run_quantization(job, sink=events.append)
+    done = [e for e in events if isinstance(e, LayerDone)]
+    assert done and all("outlier_columns" in e.metrics for e in done)
+    assert any(e.metrics["outlier_columns"] > 0 for e in done)
+    assert all("outlier_columns" in rec for rec in result.layers)
