@@ -20,7 +20,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from core.config import Granularity
-from core.export.base import register_exporter
+from core.export.base import json_sidecar, read_packed, register_exporter
 from core.primitives import pack_int32, unpack_int32
 from core.qtensors import IntWeight, QuantizedWeight
 
@@ -83,7 +83,7 @@ class AWQExporter:
         """AutoAWQ's `quant_config.json`."""
         doc = {"zero_point": quantization_config.get("zero_point", True),
                "q_group_size": quantization_config["q_group_size"], "w_bit": 4, "version": "GEMM"}
-        return {"quant_config.json": json.dumps(doc, indent=2) + "\n"}
+        return json_sidecar("quant_config.json", doc)
 
     @classmethod
     def detect(cls, quantization_config: dict) -> bool:
@@ -92,12 +92,10 @@ class AWQExporter:
     def read_weight(
         self, name: str, get: Callable[[str], torch.Tensor | None], quantization_config: dict
     ) -> QuantizedWeight | None:
-        qweight = get(f"{name}.qweight")
-        if qweight is None:
+        packed = read_packed(name, get, "AWQ")
+        if packed is None:
             return None
-        qzeros, scales = get(f"{name}.qzeros"), get(f"{name}.scales")
-        if qzeros is None or scales is None:
-            raise ValueError(f"{name}: AWQ qweight without qzeros/scales; the checkpoint is incomplete")
+        qweight, qzeros, scales = packed
         version = str(quantization_config.get("version", "gemm")).lower()
         if version != "gemm":
             raise ValueError(f"{name}: AWQ version {version!r} is not supported (only gemm)")

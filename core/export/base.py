@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 from typing import Any, Callable, ClassVar, Protocol
 
 import torch
@@ -37,6 +38,27 @@ class Exporter(Protocol):
         """Rebuild linear `name` from stored tensors (`get(tensor_name)` returns None when absent);
         None when the module was stored unquantized."""
         ...
+
+
+def json_sidecar(filename: str, doc: dict[str, Any]) -> dict[str, str]:
+    """An `extra_files` entry: `doc` as indented JSON with a trailing newline, the one way every
+    layout writes its sidecar config so that all of them read and diff alike."""
+    return {filename: json.dumps(doc, indent=2) + "\n"}
+
+
+def read_packed(
+    name: str, get: Callable[[str], torch.Tensor | None], layout: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """`qweight`, `qzeros`, `scales` of linear `name` in the packed-int32 layouts (GPTQ, AWQ),
+    which name their tensors alike; None when the module was stored unquantized. A qweight
+    without its zeros or scales is refused rather than read as a float module."""
+    qweight = get(f"{name}.qweight")
+    if qweight is None:
+        return None
+    qzeros, scales = get(f"{name}.qzeros"), get(f"{name}.scales")
+    if qzeros is None or scales is None:
+        raise ValueError(f"{name}: {layout} qweight without qzeros/scales; the checkpoint is incomplete")
+    return qweight, qzeros, scales
 
 
 _REGISTRY: dict[str, type] = {}

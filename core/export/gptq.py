@@ -23,7 +23,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from core.config import Granularity
-from core.export.base import register_exporter
+from core.export.base import json_sidecar, read_packed, register_exporter
 from core.export.compressed_tensors import pack_dense_int32, unpack_dense_int32
 from core.qtensors import IntWeight, QuantizedWeight
 
@@ -115,7 +115,7 @@ class GPTQExporter:
                 "checkpoint_format", "meta")
         doc = {k: quantization_config[k] for k in keys if k in quantization_config}
         doc["quant_method"] = "gptq"
-        return {"quantize_config.json": json.dumps(doc, indent=2) + "\n"}
+        return json_sidecar("quantize_config.json", doc)
 
     @classmethod
     def detect(cls, quantization_config: dict) -> bool:
@@ -124,12 +124,11 @@ class GPTQExporter:
     def read_weight(
         self, name: str, get: Callable[[str], torch.Tensor | None], quantization_config: dict
     ) -> QuantizedWeight | None:
-        qweight = get(f"{name}.qweight")
-        if qweight is None:
+        packed = read_packed(name, get, "GPTQ")
+        if packed is None:
             return None
-        qzeros, scales, g_idx = get(f"{name}.qzeros"), get(f"{name}.scales"), get(f"{name}.g_idx")
-        if qzeros is None or scales is None:
-            raise ValueError(f"{name}: GPTQ qweight without qzeros/scales; the checkpoint is incomplete")
+        qweight, qzeros, scales = packed
+        g_idx = get(f"{name}.g_idx")  # optional: None reads as the natural column order
         bits = int(quantization_config.get("bits", 4))
         sym = bool(quantization_config.get("sym", True))
         fmt = str(quantization_config.get("checkpoint_format") or quantization_config.get("format") or V1)
