@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
+
 from core.config import FourBitConfig
-from core.events import check_cancel
 from core.fourbit import quantize_4bit
 from core.methods.base import LayerContext, register
-from core.methods.rtn import source_dtype
+from core.methods.rtn import quantize_each_linear
 from core.qtensors import QuantizedWeight
 
 
@@ -20,11 +21,10 @@ class FourBitQuantizer:
 
     def quantize_layer(self, ctx: LayerContext) -> dict[str, QuantizedWeight]:
         cfg = self.config
-        out: dict[str, QuantizedWeight] = {}
-        for name, linear in ctx.linears.items():
-            check_cancel(ctx.cancel)
-            w = linear.weight.detach()
+
+        def quantize(w: torch.Tensor, dtype: torch.dtype, _name: str) -> QuantizedWeight:
             q = quantize_4bit(w.float(), cfg.quant_type, cfg.blocksize, cfg.double_quant)
-            q.dtype = source_dtype(ctx, w)
-            out[name] = q
-        return out
+            q.dtype = dtype  # quantize_4bit takes no dtype; the checkpoint's is recorded for export
+            return q
+
+        return quantize_each_linear(ctx, quantize)

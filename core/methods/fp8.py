@@ -4,10 +4,9 @@ from __future__ import annotations
 from typing import ClassVar
 
 from core.config import FP8Config
-from core.events import check_cancel
 from core.fp8 import quantize_fp8
 from core.methods.base import LayerContext, register
-from core.methods.rtn import source_dtype
+from core.methods.rtn import quantize_each_linear
 from core.qtensors import QuantizedWeight
 
 
@@ -19,9 +18,6 @@ class FP8Quantizer:
         self.config = config
 
     def quantize_layer(self, ctx: LayerContext) -> dict[str, QuantizedWeight]:
-        out: dict[str, QuantizedWeight] = {}
-        for name, linear in ctx.linears.items():
-            check_cancel(ctx.cancel)
-            w = linear.weight.detach()
-            out[name] = quantize_fp8(w.float(), self.config.fmt, self.config.granularity, dtype=source_dtype(ctx, w))
-        return out
+        cfg = self.config
+        return quantize_each_linear(
+            ctx, lambda w, dtype, _name: quantize_fp8(w.float(), cfg.fmt, cfg.granularity, dtype=dtype))

@@ -1,7 +1,7 @@
 """Round-to-nearest affine integer quantization (no calibration)."""
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 
@@ -19,6 +19,21 @@ def source_dtype(ctx: LayerContext, weight: torch.Tensor) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else weight.dtype
 
 
+def quantize_each_linear(
+    ctx: LayerContext, quantize: Callable[[torch.Tensor, torch.dtype, str], QuantizedWeight]
+) -> dict[str, QuantizedWeight]:
+    """The loop of every calibration-free method: each linear of the layer quantized on its own,
+    with a cancel check between linears (one large linear can take seconds). `quantize` gets the
+    detached weight as the engine handed it over (each method picks the precision it computes
+    in), the dtype the checkpoint stored it in, and the qualified module name for messages."""
+    out: dict[str, QuantizedWeight] = {}
+    for name, linear in ctx.linears.items():
+        check_cancel(ctx.cancel)
+        w = linear.weight.detach()
+        out[name] = quantize(w, source_dtype(ctx, w), f"{ctx.prefix}.{name}" if ctx.prefix else name)
+    return out
+
+
 @register(RTNConfig)
 class RTNQuantizer:
     needs_calibration: ClassVar[bool] = False
@@ -28,18 +43,17 @@ class RTNQuantizer:
 
     def quantize_layer(self, ctx: LayerContext) -> dict[str, QuantizedWeight]:
         cfg = self.config
-        out: dict[str, QuantizedWeight] = {}
-        for name, linear in ctx.linears.items():
-            check_cancel(ctx.cancel)
-            w = linear.weight.detach()
-            out[name] = quantize_to_intweight(
+
+        def quantize(w: torch.Tensor, dtype: torch.dtype, name: str) -> QuantizedWeight:
+            return quantize_to_intweight(
                 w.float(),
                 cfg.bits,
                 cfg.sym,
                 cfg.granularity,
                 cfg.group_size,
                 clip_search=cfg.clip_search,
-                dtype=source_dtype(ctx, w),
-                name=f"{ctx.prefix}.{name}" if ctx.prefix else name,
+                dtype=dtype,
+                name=name,
             )
-        return out
+
+        return quantize_each_linear(ctx, quantize)
