@@ -30,7 +30,7 @@ from torch import nn
 from core.config import AWQConfig, Granularity
 from core.events import Log, check_cancel
 from core.methods.base import LayerContext, register
-from core.methods.capture import InputGroup, layer_groups
+from core.methods.capture import InputGroup, forward_with_hooks, layer_groups
 from core.methods.folding import Producer, fold, producer_of
 from core.methods.rtn import source_dtype
 from core.primitives import CLIP_RATIOS, choose_qparams, dequantize_affine, quantize_affine, resolve_group_size
@@ -90,17 +90,12 @@ def _collect(ctx: LayerContext, groups: list[InputGroup]) -> dict[int, _Stats]:
         st.gram.addmm_(x.t(), x)
         st.sample.append(x[pick[0]].clone())
 
-    handles = [m.register_forward_pre_hook(hook) for m in targets]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                check_cancel(ctx.cancel)
-                tokens = batch.shape[0] * batch.shape[1]
-                pick[:] = [torch.randperm(tokens, generator=gen)[:per_batch]]
-                ctx.forward(batch)
-    finally:
-        for h in handles:
-            h.remove()
+    def choose_positions(batch: torch.Tensor) -> None:
+        # Drawn per batch, before its forward, so every group's hook samples the same tokens.
+        tokens = batch.shape[0] * batch.shape[1]
+        pick[:] = [torch.randperm(tokens, generator=gen)[:per_batch]]
+
+    forward_with_hooks(ctx, [(m, hook) for m in targets], before_batch=choose_positions)
     for st in stats.values():
         st.sample = [torch.cat(st.sample)] if st.sample else []
     return stats

@@ -8,7 +8,7 @@ holds for any decoder layout the engine can run (Llama, Mistral, Qwen2/3 …).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -126,3 +126,30 @@ def capture_group_inputs(
                     pass
     finally:
         handle.remove()
+
+
+PreHook = Callable[[nn.Module, tuple], None]
+
+
+def forward_with_hooks(
+    ctx: LayerContext,
+    hooks: Iterable[tuple[nn.Module, PreHook]],
+    before_batch: Callable[[torch.Tensor], None] | None = None,
+) -> None:
+    """Run every calibration batch through the layer as it is now, with a forward pre-hook on
+    each given module (the statistics passes of SmoothQuant, AWQ and LLM.int8()), cancel-checked
+    between batches; `before_batch` sees each batch first. The hooks are removed even when a batch
+    fails or the job is cancelled, so no later forward of the layer runs them."""
+    handles = []
+    try:
+        for module, hook in hooks:
+            handles.append(module.register_forward_pre_hook(hook))
+        with torch.no_grad():
+            for batch in ctx.inputs or []:
+                check_cancel(ctx.cancel)
+                if before_batch is not None:
+                    before_batch(batch)
+                ctx.forward(batch)
+    finally:
+        for h in handles:
+            h.remove()

@@ -10,6 +10,7 @@ import torch
 from core.config import LLMInt8Config
 from core.events import check_cancel
 from core.methods.base import LayerContext, register
+from core.methods.capture import forward_with_hooks
 from core.methods.rtn import source_dtype
 from core.qtensors import Int8RowWeight
 
@@ -29,7 +30,6 @@ def outlier_columns(ctx: LayerContext, threshold: float) -> dict[str, dict[str, 
     tokens that had at least one such value. One forward pass per batch."""
     counts: dict[str, dict[str, int]] = {}
     seen: dict[str, torch.Tensor] = {}
-    handles = []
 
     def hook_for(name: str):
         def hook(_m: torch.nn.Module, args: tuple) -> None:
@@ -43,16 +43,7 @@ def outlier_columns(ctx: LayerContext, threshold: float) -> dict[str, dict[str, 
 
         return hook
 
-    try:
-        for n, lin in ctx.linears.items():
-            handles.append(lin.register_forward_pre_hook(hook_for(n)))
-        with torch.no_grad():
-            for batch in ctx.inputs or []:
-                check_cancel(ctx.cancel)
-                ctx.forward(batch)
-    finally:
-        for h in handles:
-            h.remove()
+    forward_with_hooks(ctx, [(lin, hook_for(n)) for n, lin in ctx.linears.items()])
     for n, cols in seen.items():
         counts[n]["columns"] = int(cols.sum())
         counts[n]["in_features"] = int(cols.numel())

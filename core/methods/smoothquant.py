@@ -20,7 +20,7 @@ from torch import nn
 from core.config import Granularity, SmoothQuantConfig
 from core.events import Log, check_cancel
 from core.methods.base import LayerContext, register
-from core.methods.capture import InputGroup, layer_groups
+from core.methods.capture import InputGroup, forward_with_hooks, layer_groups
 from core.methods.folding import fold, producer_of
 from core.methods.rtn import source_dtype
 from core.primitives import quantize_to_intweight
@@ -50,15 +50,7 @@ def group_absmax(ctx: LayerContext, groups: list[InputGroup]) -> list[torch.Tens
         m = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
         stats[i] = m if stats[i] is None else torch.maximum(stats[i], m)
 
-    handles = [m.register_forward_pre_hook(hook) for m in targets]
-    try:
-        with torch.no_grad():
-            for batch in ctx.inputs or []:
-                check_cancel(ctx.cancel)
-                ctx.forward(batch)
-    finally:
-        for h in handles:
-            h.remove()
+    forward_with_hooks(ctx, [(m, hook) for m in targets])
     out = []
     for g, st in zip(groups, stats):
         if st is None:
