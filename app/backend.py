@@ -194,35 +194,34 @@ def default_export_for(method_config: Any) -> str:
     return default_export(method_config)
 
 
-def quantize_memory_text(source: Any, method_config: Any, calib: Any) -> str:
-    """One line for the Quantize tab: the peak memory this job needs, before it starts."""
-    planner = _optional("core.planner")
-    if planner is None or not hasattr(planner, "quantize_memory"):
-        return "Memory estimate unavailable (no planner in this build)."
+def quantize_memory(source: Any, method_config: Any, calib: Any) -> dict[str, Any]:
+    """The planner's estimate of the peak memory this job needs (CPU engine)."""
+    from core import planner
+
+    return planner.quantize_memory(model_spec(source), method_config, calib)
+
+
+def quantize_memory_text(source: Any, method_config: Any, calib: Any) -> tuple[str, str]:
+    """(one line for the Quantize tab, tooltip with each part and its formula)."""
     try:
-        est = planner.quantize_memory(source, method_config, calib)
+        est = quantize_memory(source, method_config, calib)
     except ValueError as exc:
-        return f"Memory estimate unavailable: {exc}"
-    peak = _get(est, "peak_gib", "total_gib")
+        return f"Memory estimate unavailable: {exc}", ""
+    peak = float(est["peak_cpu_gib"])
     available = system_ram_gib()[1]
-    parts = [f"{k.replace('_gib', '').replace('_', ' ')} {v:.2f}" for k, v in _gib_items(est) if k != "peak_gib"]
-    verdict = "fits in free RAM" if peak is not None and peak <= available else "more than the free RAM"
-    head = f"This job needs about {peak:.2f} GiB ({verdict}: {available:.1f} GiB free)." if peak is not None else ""
-    return head + ("\n" + ", ".join(parts) + " GiB" if parts else "")
+    verdict = "fits in the free RAM" if peak <= available else "MORE than the free RAM"
+    line = f"This job needs about {peak:.2f} GiB of RAM at its peak ({verdict}: {available:.1f} GiB free)."
+    formulas = est.get("formulas", {})
+    tip = "\n".join(f"{k.replace('_', ' ')}: {v:.3f} GiB — {formulas.get(k, '')}".rstrip(" —")
+                    for k, v in est.get("parts_gib", {}).items())
+    return line, tip
 
 
-def _get(obj: Any, *names: str) -> Any:
-    for n in names:
-        if isinstance(obj, dict) and n in obj:
-            return obj[n]
-        if hasattr(obj, n):
-            return getattr(obj, n)
-    return None
-
-
-def _gib_items(obj: Any) -> list[tuple[str, float]]:
-    data = obj if isinstance(obj, dict) else getattr(obj, "__dict__", {})
-    return [(k, float(v)) for k, v in data.items() if k.endswith("_gib") and isinstance(v, (int, float))]
+def valid_group_sizes(source: Any, candidates: tuple[int, ...] = (32, 64, 96, 128, 192, 256)) -> list[int]:
+    """Group sizes that divide the input width of every decoder linear (the engine refuses
+    groups that would need padding)."""
+    widths = {int(getattr(source, "tensors")[n].shape[1]) for n in linear_weight_names(source)}
+    return [g for g in candidates if all(w % g == 0 for w in widths)]
 
 
 # ---------------------------------------------------------------- evaluation
@@ -260,11 +259,17 @@ def linear_weight_names(source: Any) -> list[str]:
     return sorted(names, key=_layer_sort_key)
 
 
-def _layer_sort_key(name: str) -> tuple[int, str]:
+_MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _layer_sort_key(name: str) -> tuple[int, int, str]:
+    """Decoder layer, then the engine's true-sequential order (q/k/v → o → gate/up → down)."""
     import re
 
     m = re.search(r"layers\.(\d+)\.", name)
-    return (int(m.group(1)) if m else -1, name)
+    module = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else name
+    order = _MODULE_ORDER.index(module) if module in _MODULE_ORDER else len(_MODULE_ORDER)
+    return (int(m.group(1)) if m else -1, order, name)
 
 
 def _weight_summary(w: Any) -> dict[str, float]:

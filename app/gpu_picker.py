@@ -30,6 +30,8 @@ class GpuPicker(QGroupBox):
         self.combo = QComboBox()
         self.combo.setToolTip("Detected GPUs first (with free memory), then the catalog, then a custom card")
         self.combo.setMaxVisibleItems(25)
+        self.combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.combo.setMinimumContentsLength(12)
         self.count = QSpinBox()
         self.count.setRange(1, 8)
         self.count.setToolTip("Number of identical GPUs (tensor parallel: memory adds up)")

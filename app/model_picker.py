@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from PySide6.QtCore import QStringListModel, Qt, Signal
+from PySide6.QtGui import QFontMetrics
 from PySide6.QtWidgets import (
     QComboBox,
     QCompleter,
@@ -37,6 +38,8 @@ class ModelPicker(QGroupBox):
         self.open_button.clicked.connect(self.browse)
 
         self.recent = QComboBox()
+        self.recent.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.recent.setMinimumContentsLength(8)
         self.recent.setPlaceholderText("Recent models")
         self.recent.setToolTip("Models opened before (also in File ▸ Recent)")
         self.recent.activated.connect(self._recent_activated)
@@ -142,9 +145,12 @@ class ModelPicker(QGroupBox):
         if choice.path is None:
             origin = QLabel("catalog entry (config facts only)")
         else:
-            origin = QLabel(str(choice.path))
+            # A path is one long word; eliding keeps it from widening the sidebar.
+            text = str(choice.path)
+            metrics = QFontMetrics(self.font())
+            origin = QLabel(metrics.elidedText(text, Qt.TextElideMode.ElideMiddle, 270))
+            origin.setToolTip(text)
         origin.setObjectName("Muted")
-        origin.setWordWrap(True)
         self.facts.addRow(origin)
 
     def _recent_activated(self, index: int) -> None:

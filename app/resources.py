@@ -28,4 +28,6 @@ def stylesheet(theme: str) -> str:
     path = resources_dir() / "styles" / f"{theme}.qss"
     if not path.is_file():
         raise ValueError(f"unknown theme {theme!r}: {path} not found (use 'light' or 'dark')")
-    return path.read_text(encoding="utf-8")
+    # QSS url() needs absolute paths; the files name the icons folder with a placeholder.
+    icons = (resources_dir() / "icons").as_posix()
+    return path.read_text(encoding="utf-8").replace("{CHECK}", f"{icons}/check.svg")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pyqtgraph as pg
 from PySide6.QtCore import QObject, Signal
-from PySide6.QtGui import QColor, QFont, QFontDatabase
+from PySide6.QtGui import QColor, QFont, QFontDatabase, QPalette
 from PySide6.QtWidgets import QApplication
 
 from app.resources import stylesheet
@@ -66,11 +66,36 @@ class ThemeManager(QObject):
         self._name = name
         app = QApplication.instance()
         if app is not None:
+            # Fusion draws the same everywhere and follows the palette, so spin boxes and combo
+            # boxes match the theme without restyling their sub-controls in QSS.
+            if app.style().name().lower() != "fusion":
+                app.setStyle("Fusion")
+            app.setPalette(qt_palette(PALETTES[name]))
             app.setStyleSheet(stylesheet(name))
         pal = PALETTES[name]
         pg.setConfigOption("background", pal.background)
         pg.setConfigOption("foreground", pal.foreground)
         self.changed.emit(name)
+
+
+def qt_palette(pal: Palette) -> QPalette:
+    qp = QPalette()
+    dark = QColor(pal.background).lightness() < 128
+    panel = QColor("#161b22" if dark else "#f6f8fa")
+    for role, colour in (
+        (QPalette.ColorRole.Window, QColor(pal.background)), (QPalette.ColorRole.WindowText, QColor(pal.foreground)),
+        (QPalette.ColorRole.Base, QColor(pal.background)), (QPalette.ColorRole.AlternateBase, panel),
+        (QPalette.ColorRole.Text, QColor(pal.foreground)), (QPalette.ColorRole.Button, panel),
+        (QPalette.ColorRole.ButtonText, QColor(pal.foreground)), (QPalette.ColorRole.Highlight, QColor(pal.accent)),
+        (QPalette.ColorRole.HighlightedText, QColor("#ffffff")), (QPalette.ColorRole.ToolTipBase, panel),
+        (QPalette.ColorRole.ToolTipText, QColor(pal.foreground)), (QPalette.ColorRole.PlaceholderText, QColor(pal.muted)),
+        (QPalette.ColorRole.Mid, QColor(pal.grid)), (QPalette.ColorRole.Light, QColor(pal.grid)),
+    ):
+        qp.setColor(role, colour)
+    qp.setColor(QPalette.ColorGroup.Disabled, QPalette.ColorRole.Text, QColor(pal.muted))
+    qp.setColor(QPalette.ColorGroup.Disabled, QPalette.ColorRole.ButtonText, QColor(pal.muted))
+    qp.setColor(QPalette.ColorGroup.Disabled, QPalette.ColorRole.WindowText, QColor(pal.muted))
+    return qp
 
 
 def choose_font() -> QFont:
@@ -94,6 +119,13 @@ def style_plot(widget: pg.PlotWidget, palette: Palette) -> None:
         ax.setPen(pg.mkPen(palette.muted))
         ax.setTextPen(pg.mkPen(palette.foreground))
     plot.titleLabel.setAttr("color", palette.foreground)
+    legend = plot.legend
+    if legend is not None:
+        legend.setLabelTextColor(palette.foreground)
+        legend.setBrush(pg.mkBrush(palette.background + "cc"))
+        for _sample, label in legend.items:
+            label.setAttr("color", palette.foreground)
+            label.setText(label.text)
 
 
 def qcolor(hex_colour: str, alpha: int = 255) -> QColor:

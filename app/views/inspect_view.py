@@ -278,8 +278,8 @@ class InspectView(QWidget):
         self.detail_progress.setRange(0, 1)
         self.detail_progress.setValue(1)
         counts = np.asarray(d["hist_counts"], dtype=float)
-        # Empty bins cannot sit on a log axis; lift them to 0.5 so the outline stays continuous.
-        self.hist_curve.setData(np.asarray(d["hist_edges"]), np.maximum(counts, 0.5))
+        # Empty bins cannot sit on a log axis: draw them at 1, the baseline the fill starts from.
+        self.hist_curve.setData(np.asarray(d["hist_edges"]), np.maximum(counts, 1.0))
         w_in = np.asarray(d["w_in_absmax"])
         self.w_curve.setData(np.arange(w_in.size), w_in)
         a = d.get("a_absmax")

@@ -78,14 +78,16 @@ class LayerErrorPlot(QWidget):
         self.count_label.setObjectName("Muted")
         self.plot = pg.PlotWidget()
         self.plot.setMenuEnabled(False)
-        self.plot.showGrid(x=True, y=True, alpha=0.2)
+        self.plot.showGrid(x=False, y=True, alpha=0.2)
         self.plot.setLabel("bottom", "decoder layer")
+        # SI prefixes turn 0.05 into "5·10¹ (×0.001)" on a log axis; plain numbers read better.
+        self.plot.getAxis("left").enableAutoSIPrefix(False)
         legend = self.plot.addLegend(offset=(-10, 10), colCount=4)
         legend.setLabelTextSize("8pt")
         self.series: dict[str, _Series] = {t: _Series() for t in MODULE_TYPES}
         self.curves: dict[str, pg.ScatterPlotItem] = {}
         for t in MODULE_TYPES:
-            curve = pg.ScatterPlotItem(size=8, hoverable=True, hoverSize=12, tip=self._tip, name=t)
+            curve = pg.ScatterPlotItem(size=8, hoverable=True, hoverSize=12, tip=self._tip)
             self.plot.addItem(curve)
             self.curves[t] = curve
         self._legend_added: set[str] = set()
@@ -171,7 +173,10 @@ class LayerErrorPlot(QWidget):
         self.curves[kind].setData(x=np.asarray(s.x), y=np.asarray(s.y), data=list(s.tips),
                                   brush=pg.mkBrush(colour), pen=pg.mkPen(colour))
         if s.x and kind not in self._legend_added:
-            self.plot.getPlotItem().legend.addItem(self.curves[kind], kind)
+            legend = self.plot.getPlotItem().legend
+            legend.addItem(self.curves[kind], kind)
+            legend.items[-1][1].setAttr("color", self.theme.palette.foreground)
+            legend.items[-1][1].setText(kind)
             self._legend_added.add(kind)
 
     @staticmethod

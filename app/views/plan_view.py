@@ -16,6 +16,7 @@ from PySide6.QtWidgets import (
     QHBoxLayout,
     QHeaderView,
     QLabel,
+    QScrollArea,
     QSlider,
     QSpinBox,
     QSplitter,
@@ -107,7 +108,7 @@ class PlanView(QWidget):
         self.chart.addLegend(offset=(-10, 10))
         self.bars: list[pg.BarGraphItem] = []
         for i, (_key, label) in enumerate(PARTS):
-            bar = pg.BarGraphItem(x=[], height=[], width=0.7, y0=[], name=label)
+            bar = pg.BarGraphItem(x=[], height=[], width=0.7, y0=[])
             self.chart.addItem(bar)
             self.bars.append(bar)
             self.chart.getPlotItem().legend.addItem(bar, label)
@@ -136,7 +137,12 @@ class PlanView(QWidget):
         ol.addWidget(QLabel("GPU layers"))
         ol.addWidget(self.slider)
         ol.addWidget(self.offload_text)
-        ol.addWidget(self.formula, 1)
+        formula_scroll = QScrollArea()
+        formula_scroll.setWidget(self.formula)
+        formula_scroll.setWidgetResizable(True)
+        formula_scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        formula_scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+        ol.addWidget(formula_scroll, 1)
 
         lower = QSplitter(Qt.Orientation.Horizontal)
         lower.addWidget(self.chart)
@@ -252,13 +258,23 @@ class PlanView(QWidget):
             bar.setOpts(x=x, height=heights, y0=list(base), width=0.7)
             base = [b + h for b, h in zip(base, heights)]
         axis = self.chart.getPlotItem().getAxis("bottom")
-        axis.setTicks([[(i, str(r.get("label") or r["format"])) for i, r in enumerate(rows)]])
+        axis.setTicks([[(i, str(r["format"])) for i, r in enumerate(rows)]])
         gpu = self.state.gpu
+        biggest = max(base, default=0.0)
+        top = max(biggest * 1.15, 0.05)
         if gpu is not None:
-            self.gpu_line.setValue(gpu.memory_gib * self.state.num_gpus)
-        top = max(base + [self.gpu_line.value() if gpu is not None else 0.0, 1.0])
+            capacity = gpu.memory_gib * self.state.num_gpus
+            self.gpu_line.setValue(capacity)
+            # A small model next to a big card would be a row of invisible bars: keep the bars
+            # readable and say where the GPU line is instead of squeezing them under it.
+            if capacity <= 4 * biggest:
+                top = max(top, capacity * 1.08)
+                self.chart.setTitle("")
+            else:
+                self.chart.setTitle(f"GPU memory {capacity:.0f} GiB is above this scale "
+                                    f"({capacity / max(biggest, 1e-9):.0f}× the largest total)", size="9pt")
         self.chart.setXRange(-0.6, max(len(rows) - 0.4, 0.6), padding=0)
-        self.chart.setYRange(0, top * 1.08, padding=0)
+        self.chart.setYRange(0, top, padding=0)
 
     # ------------------------------------------------------------ offload
     def selected_format(self) -> str | None:

@@ -207,7 +207,11 @@ class QuantizeView(QWidget):
         ll.addWidget(out_box)
         ll.addWidget(self.memory)
         ll.addStretch(1)
+        for combo in left.findChildren(QComboBox):
+            combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+            combo.setMinimumContentsLength(10)
         left_scroll = QScrollArea()
+        left_scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         left_scroll.setWidget(left)
         left_scroll.setWidgetResizable(True)
         left_scroll.setMinimumWidth(340)
@@ -479,7 +483,25 @@ class QuantizeView(QWidget):
     def _model_changed(self, choice: ModelChoice | None) -> None:
         if choice is not None and choice.path is not None and not self.out_dir.text():
             self.out_dir.setText(str(choice.path.parent / f"{choice.path.name}-{self.method_key()}"))
+        if choice is not None and choice.has_weights:
+            self._offer_group_sizes(backend.valid_group_sizes(choice.source))
         self._settings_changed()
+
+    def _offer_group_sizes(self, sizes: list[int]) -> None:
+        """Offer only groups that divide every linear's input width (SmolLM2's 576 rules out
+        128), keeping the current choice when it still fits, else the largest up to 128."""
+        if not sizes:
+            return
+        current = self.group_size.currentText()
+        self.group_size.blockSignals(True)
+        self.group_size.clear()
+        for g in sizes:
+            self.group_size.addItem(str(g))
+        if current in {str(g) for g in sizes}:
+            self.group_size.setCurrentText(current)
+        else:
+            self.group_size.setCurrentText(str(max((g for g in sizes if g <= 128), default=sizes[0])))
+        self.group_size.blockSignals(False)
 
     def _browse_out(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Output folder (a new folder is created inside)")
@@ -520,8 +542,9 @@ class QuantizeView(QWidget):
             calib = self.build_calib()
         except ValueError:
             calib = None
-        text = backend.quantize_memory_text(model.source, config, calib)
+        text, tip = backend.quantize_memory_text(model.source, config, calib)
         self.memory.setText(text)
+        self.memory.setToolTip(tip)
 
 
 def _fmt_seconds(s: float) -> str:

@@ -3,6 +3,7 @@ cancel; bad folders; closing during a run."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,29 @@ def test_offload_slider_moves_layers_to_the_cpu(window: Any, tiny_llama_dir: Pat
     assert "GPU: 2 layers" in view.offload_text.text()
 
 
+@pytest.fixture
+def gated_engine(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Runs the real engine but holds its thread after the first LayerDone until the job is
+    cancelled, so "mid-run" is certain however fast the machine is. Set when that point is hit."""
+    from app import backend
+
+    real = backend.run_quantization
+    reached = threading.Event()
+
+    def gated(*, job: Any, sink: Any, cancel: Any) -> Any:
+        def relay(ev: object) -> None:
+            sink(ev)
+            if isinstance(ev, LayerDone) and not reached.is_set():
+                reached.set()
+                while not cancel.cancelled:
+                    time.sleep(0.005)
+
+        return real(job=job, sink=relay, cancel=cancel)
+
+    monkeypatch.setattr(backend, "run_quantization", gated)
+    return reached
+
+
 def _start_rtn(window: Any, model: Path, out: Path) -> None:
     window.open_model_folder(model)
     q = window.quantize_view
@@ -126,26 +150,21 @@ def test_results_view_evaluates_before_after_and_saves_a_report(
     assert "Quantscope report" in paths["html"].read_text()
 
 
-def test_cancel_mid_run_leaves_no_output(window: Any, qtbot: Any, tiny_model_factory: Any, tmp_path: Path) -> None:
+def test_cancel_mid_run_leaves_no_output(window: Any, qtbot: Any, tiny_model_factory: Any, tmp_path: Path,
+                                         gated_engine: threading.Event) -> None:
     model = tiny_model_factory(layers=6)
     out_parent = tmp_path / "outs"
     out_parent.mkdir()
     out = out_parent / "cancelled"
     q = window.quantize_view
-    seen: list[str] = []
-
-    def cancel_on_first_layer(ev: object) -> None:
-        if isinstance(ev, LayerDone):
-            seen.append(ev.name)
-            if len(seen) == 1:
-                q.cancel()
-
-    q.runner.event.connect(cancel_on_first_layer)
-    with qtbot.waitSignal(q.runner.cancelled, timeout=120000):
-        _start_rtn(window, model, out)
+    _start_rtn(window, model, out)
+    qtbot.waitUntil(gated_engine.is_set, timeout=120000)
+    assert q.cancel_button.isEnabled()
+    with qtbot.waitSignal(q.runner.cancelled, timeout=60000):
+        q.cancel_button.click()
     assert not out.exists()
     assert list(out_parent.iterdir()) == []  # no partial folder beside it either
-    assert 1 <= len(seen) < 6 * 7
+    assert 1 <= len(q.plot.points) < 6 * 7
     assert "Cancelled" in q.stage.text()
     assert q.run_button.isEnabled() and not q.cancel_button.isEnabled()
 
@@ -183,20 +202,19 @@ def test_catalog_model_plans_without_weights(window: Any) -> None:
 
 
 def test_closing_the_window_during_a_run_shuts_the_worker_down(
-        window: Any, qtbot: Any, tiny_model_factory: Any, tmp_path: Path) -> None:
+        window: Any, qtbot: Any, tiny_model_factory: Any, tmp_path: Path, gated_engine: threading.Event) -> None:
     model = tiny_model_factory(layers=6)
     out = tmp_path / "closed"
     q = window.quantize_view
-    first = threading.Event()
-    q.runner.event.connect(lambda ev: first.set() if isinstance(ev, LayerDone) else None)
     _start_rtn(window, model, out)
-    qtbot.waitUntil(first.is_set, timeout=120000)
+    qtbot.waitUntil(gated_engine.is_set, timeout=120000)
     thread = q.runner._thread
     assert thread is not None and thread.isRunning()
     window.close()
     assert not q.runner.running
     assert thread.isFinished()
     assert not out.exists()
+    assert list(tmp_path.glob(".closed*")) == []
 
 
 def test_theme_switch_restyles_the_app(window: Any) -> None:

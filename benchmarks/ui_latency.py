@@ -1,0 +1,110 @@
+"""UI event-loop latency while a quantization runs in the worker thread.
+
+A 10 ms QTimer on the UI thread records how late each tick fires while the main window runs a
+real RTN quantization (live plot, progress, log all updating). Prints p50/p99/max lateness in ms;
+the target is p99 < 50 ms.
+
+    .venv/bin/python benchmarks/ui_latency.py [--model PATH] [--method rtn] [--bits 4]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+INTERVAL_MS = 10
+
+
+def percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    k = min(len(s) - 1, max(0, int(round(q / 100 * (len(s) - 1)))))
+    return s[k]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="UI timer jitter during a quantization")
+    parser.add_argument("--model", type=Path, default=None, help="model folder (default: the SmolLM2-135M demo)")
+    parser.add_argument("--method", default="rtn")
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+
+    from PySide6.QtCore import QEventLoop, QSettings, Qt, QTimer
+
+    from app.main import make_application
+    from app.settings import AppSettings
+
+    app = make_application()
+    from app.main_window import MainWindow
+
+    model = args.model
+    if model is None:
+        from core.demo import prepare_smollm2
+
+        model = prepare_smollm2()
+    work = Path(tempfile.mkdtemp(prefix="quantscope-latency-"))
+    win = MainWindow(AppSettings(QSettings(str(work / "s.ini"), QSettings.Format.IniFormat)))
+    win.results_view.auto.setChecked(False)
+    win.resize(1440, 900)
+    win.show()
+    if win.open_model_folder(model) is None:
+        return 1
+    q = win.quantize_view
+    q.set_method(args.method)
+    if args.method in ("rtn", "gptq", "awq"):
+        q.bits.setValue(args.bits)
+    q.out_dir.setText(str(work / "out"))
+    win.tabs.setCurrentWidget(q)
+
+    lateness: list[float] = []
+    last = [time.perf_counter()]
+
+    def tick() -> None:
+        now = time.perf_counter()
+        lateness.append(max(0.0, (now - last[0]) * 1000 - INTERVAL_MS))
+        last[0] = now
+
+    timer = QTimer()
+    timer.setTimerType(Qt.TimerType.PreciseTimer)
+    timer.setInterval(INTERVAL_MS)
+    timer.timeout.connect(tick)
+    loop = QEventLoop()
+    q.runner.running_changed.connect(lambda running: loop.quit() if not running else None)
+    t0 = time.perf_counter()
+    if not q.run():
+        return 1
+    last[0] = time.perf_counter()
+    timer.start()
+    loop.exec()
+    timer.stop()
+    seconds = time.perf_counter() - t0
+    result = {
+        "model": str(model), "method": args.method, "linears": len(q.plot.points), "job_seconds": round(seconds, 2),
+        "ticks": len(lateness), "interval_ms": INTERVAL_MS,
+        "lateness_p50_ms": round(statistics.median(lateness), 2) if lateness else None,
+        "lateness_p99_ms": round(percentile(lateness, 99), 2), "lateness_max_ms": round(max(lateness, default=0), 2),
+        "cpu_count": os.cpu_count(),
+    }
+    win.close()
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"model       {result['model']} ({result['linears']} linears, {args.method})")
+        print(f"job         {result['job_seconds']} s, {result['ticks']} timer ticks of {INTERVAL_MS} ms")
+        print(f"lateness    p50 {result['lateness_p50_ms']} ms   p99 {result['lateness_p99_ms']} ms   "
+              f"max {result['lateness_max_ms']} ms   (target p99 < 50 ms)")
+    return 0 if result["lateness_p99_ms"] < 50 else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
