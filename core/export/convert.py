@@ -117,6 +117,37 @@ def iter_dequantized(
         yield from plain.items()
 
 
+class _Stored:
+    """What `write_quantized` and `relayout` gather while storing quantized linears in
+    `exporter`'s layout, and the files that close the folder once every layer is written."""
+
+    def __init__(self, exporter: Exporter, method_config: Any | None, dtype: torch.dtype) -> None:
+        self.exporter = exporter
+        self.method_config = method_config
+        self.dtype = dtype  # the torch_dtype config.json names: the source's, then the weights'
+        self.quantized: list[str] = []
+
+    def add(self, module: str, q: QuantizedWeight, tensors: dict[str, torch.Tensor]) -> None:
+        """Put `q`'s tensors in the layout into `tensors` (the shard being built)."""
+        if self.method_config is None:
+            # Judged on the first quantized weight, before anything of it is written.
+            self.method_config = method_config_for(q)
+            refuse_unless_accepted(self.exporter, self.method_config)
+        if getattr(q, "dtype", None) is not None:
+            self.dtype = q.dtype
+        tensors.update(self.exporter.tensors(module, q))
+        self.quantized.append(module)
+
+    def finish(self, writer: OutputWriter, src: ModelSource, export_format: str, ignored: list[str]) -> Path:
+        """config.json with the layout's quantization_config, its sidecar files and the report."""
+        qc = self.exporter.quantization_config(self.method_config, self.quantized, ignored)
+        config = output_config(src.config, qc, self.dtype)
+        write_extra_files(writer, self.exporter, qc)
+        report = {"export": export_format, "source": str(src.path), "quantized": len(self.quantized),
+                  "versions": package_versions()}
+        return writer.finish(config=config, report=report, source=src.path)
+
+
 def write_quantized(
     source_dir: str | Path,
     out: str | Path,
@@ -138,9 +169,8 @@ def write_quantized(
     if method_config is not None:
         refuse_unless_accepted(exporter, method_config)
     groups = list(_layer_groups(src))
-    quantized: list[str] = []
+    stored = _Stored(exporter, method_config, src.source_dtype)
     ignored: list[str] = []
-    dtype = src.source_dtype
     sink(StageStarted("export", total=len(groups), message=f"writing {export_format}"))
     with OutputWriter(out, num_shards=len(groups), overwrite=overwrite) as writer:
         for index, (label, names) in enumerate(groups):
@@ -154,25 +184,14 @@ def write_quantized(
                         ignored.append(module)
                     tensors[name] = t
                     continue
-                if method_config is None:
-                    method_config = method_config_for(q)
-                    refuse_unless_accepted(exporter, method_config)
-                if getattr(q, "dtype", None) is not None:
-                    dtype = q.dtype
-                tensors.update(exporter.tensors(module, q))
-                quantized.append(module)
+                stored.add(module, q, tensors)
             writer.write_shard(index, tensors)
             sink(Progress("export", index + 1, len(groups), label))
-        if method_config is None:
+        if stored.method_config is None:
             raise ValueError(f"no linear weight of {source_dir} was quantized; nothing to export as {export_format}")
-        if "lm_head" not in quantized:
+        if "lm_head" not in stored.quantized:
             ignored.append("lm_head")  # a tied head has no tensor of its own but is still a Linear
-        qc = exporter.quantization_config(method_config, quantized, sorted(set(ignored)))
-        config = output_config(src.config, qc, dtype)
-        write_extra_files(writer, exporter, qc)
-        report = {"export": export_format, "source": str(src.path), "quantized": len(quantized),
-                  "versions": package_versions()}
-        return writer.finish(config=config, report=report, source=src.path)
+        return stored.finish(writer, src, export_format, sorted(set(ignored)))
 
 
 def relayout(
@@ -202,33 +221,22 @@ def relayout(
             method_config = method_config_for(next(iter(weights.values())))
             refuse_unless_accepted(exporter, method_config)
             break
-    quantized: list[str] = []
+    stored = _Stored(exporter, method_config, src.source_dtype)
     ignored = [n for n in (src.quantization_config.get("ignore") or []) if not n.startswith("re:")]
-    dtype = src.source_dtype
     sink(StageStarted("export", total=len(groups), message=f"re-writing as {export_format}"))
     with OutputWriter(out, num_shards=len(groups), overwrite=overwrite) as writer:
         for index, (label, names) in enumerate(groups):
             check_cancel(cancel)
             weights, tensors = read_quantized_group(src, names, reader)
             for module, q in weights.items():
-                if method_config is None:
-                    method_config = method_config_for(q)
-                    refuse_unless_accepted(exporter, method_config)
-                dtype = q.dtype
-                tensors.update(exporter.tensors(module, q))
-                quantized.append(module)
+                stored.add(module, q, tensors)
             writer.write_shard(index, tensors)
             sink(Progress("export", index + 1, len(groups), label))
-        if method_config is None:
+        if stored.method_config is None:
             raise ValueError(f"{src.path} has a quantization_config but no quantized weights were found")
-        if "lm_head" not in quantized:
+        if "lm_head" not in stored.quantized:
             ignored = sorted(set(ignored) | {"lm_head"})  # a tied head has no tensor but is still a Linear
-        qc = exporter.quantization_config(method_config, quantized, ignored)
-        config = output_config(src.config, qc, dtype)
-        write_extra_files(writer, exporter, qc)
-        report = {"export": export_format, "source": str(src.path), "quantized": len(quantized),
-                  "versions": package_versions()}
-        return writer.finish(config=config, report=report, source=src.path)
+        return stored.finish(writer, src, export_format, ignored)
 
 
 def write_extra_files(writer: OutputWriter, exporter: Exporter, quantization_config: dict) -> None:
