@@ -273,18 +273,13 @@ def _layer_sort_key(name: str) -> tuple[int, int, str]:
 
 
 def _weight_summary(w: Any) -> dict[str, float]:
-    import torch
+    """Scalar weight statistics from core.outliers (kurtosis, absmax, σ, fraction beyond kσ)."""
+    from core.outliers import weight_stats
 
-    w = w.float().flatten()
-    mean = w.mean()
-    centred = w - mean
-    var = centred.square().mean()
-    std = var.sqrt().clamp(min=1e-12)
-    kurt = float((centred.pow(4).mean() / var.square().clamp(min=1e-24)))  # 3 for a Gaussian
-    absmax = float(w.abs().max())
-    return {"kurtosis": kurt, "absmax": absmax, "std": float(std),
-            "absmax_over_std": absmax / float(std),
-            "frac_beyond_6sigma": float((centred.abs() > 6 * std).to(torch.float32).mean())}
+    stats = weight_stats(w)
+    out = {k: float(v) for k, v in stats.items() if isinstance(v, (int, float))}
+    out["absmax_over_std"] = out["absmax"] / out["std"] if out.get("std") else 0.0
+    return out
 
 
 def weight_overview(*, source: Any, sink: Sink = null_sink, cancel: CancelToken | None = None) -> list[dict]:
@@ -339,26 +334,48 @@ def linear_detail(
     return detail
 
 
+# Activation absmax per linear for (model folder, samples, seq_len): one calibration pass over
+# the whole model serves every linear the user clicks afterwards.
+_ACTIVATIONS: dict[tuple[str, int, int], dict[str, Any]] = {}
+
+
+def activation_absmax(*, path: Path, samples: int, seq_len: int, sink: Sink = null_sink,
+                      cancel: CancelToken | None = None) -> dict[str, Any]:
+    key = (str(path), samples, seq_len)
+    if key not in _ACTIVATIONS:
+        from core import outliers
+        from core.calibration import calibration_batches
+        from core.config import CalibConfig
+        from core.loader import load_model
+
+        sink(StageStarted("calibrate", message=f"{samples} × {seq_len} tokens through {Path(path).name}"))
+        model, tokenizer = load_model(path)
+        batches = calibration_batches(tokenizer, CalibConfig(samples=samples, seq_len=seq_len))
+        _ACTIVATIONS.clear()  # keep one model's statistics, not all of them
+        _ACTIVATIONS[key] = outliers.activation_absmax(model, batches, sink=sink, cancel=cancel)
+    return _ACTIVATIONS[key]
+
+
 def activation_detail(
     *, source: Any, name: str, w_in_absmax: Any, threshold: float, alpha: float, samples: int, seq_len: int,
     sink: Sink = null_sink, cancel: CancelToken | None = None,
 ) -> dict[str, Any]:
-    """Per-input-channel activation absmax of one linear over calibration text (core.outliers),
-    and what LLM.int8 and SmoothQuant would do with it."""
+    """Per-input-channel activation absmax of one linear over calibration text, the channels at
+    or above the LLM.int8 threshold, and SmoothQuant's per-channel scales."""
     import numpy as np
+    import torch
 
-    from core import outliers
-    from core.config import CalibConfig
+    from core.methods.smoothquant import smoothing_scales
 
-    stats = outliers.activation_absmax(source.path, [name], calib=CalibConfig(samples=samples, seq_len=seq_len),
-                                       sink=sink, cancel=cancel)
-    x = np.asarray(stats[name], dtype=np.float64)
-    w = np.asarray(w_in_absmax, dtype=np.float64)
-    scales = np.power(np.maximum(x, 1e-5), alpha) / np.power(np.maximum(w, 1e-5), 1.0 - alpha)
+    acts = activation_absmax(path=source.path, samples=samples, seq_len=seq_len, sink=sink, cancel=cancel)
+    if name not in acts:
+        raise ValueError(f"no activation statistics for {name} (it was not reached by the calibration forward)")
+    x = acts[name].float()
+    scales = smoothing_scales(x, torch.as_tensor(np.asarray(w_in_absmax), dtype=torch.float32), alpha).numpy()
     order = np.argsort(-scales)
     return {
-        "a_absmax": x,
-        "outlier_channels": [int(i) for i in np.nonzero(x >= threshold)[0]],
+        "a_absmax": x.numpy(),
+        "outlier_channels": [int(i) for i in torch.nonzero(x >= threshold).flatten().tolist()],
         "smooth_scales": scales,
         "smooth_top": [(int(i), float(scales[i])) for i in order[:10]],
     }

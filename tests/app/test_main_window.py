@@ -225,3 +225,32 @@ def test_theme_switch_restyles_the_app(window: Any) -> None:
     assert window.settings.theme() == "dark"
     window.apply_theme("light")
     assert "#0d1117" not in QApplication.instance().styleSheet()
+
+
+def test_inspector_shows_histogram_heatmap_and_activation_outliers(
+        window: Any, qtbot: Any, tiny_llama_dir: Path) -> None:
+    import numpy as np
+
+    view = window.inspect_view
+    with qtbot.waitSignal(view.overview_runner.finished, timeout=60000):
+        window.open_model_folder(tiny_llama_dir)
+    assert view.heat_matrix().shape == (2, 7)
+    assert np.isfinite(view.heat_matrix()).all()
+    assert view.select_linear(1, "down")
+    with qtbot.waitSignal(view.detail_ready, timeout=60000) as blocker:
+        pass
+    d = blocker.args[0]
+    assert d["name"] == "model.layers.1.mlp.down_proj"
+    assert d["shape"] == [128, 256]
+    assert int(np.sum(d["hist_counts"])) == 128 * 256  # every weight lands in a bin
+    assert len(d["w_in_absmax"]) == 256
+    view.threshold.setValue(0.1)  # low enough that a random tiny model has outlier channels
+    with qtbot.waitSignal(view.detail_ready, timeout=120000) as blocker:
+        view.calibrate.setChecked(True)
+    d = blocker.args[0]
+    a = np.asarray(d["a_absmax"])
+    assert a.shape == (256,) and (a > 0).all()
+    assert d["threshold"] == pytest.approx(0.1)
+    expected = [int(i) for i in np.nonzero(a >= np.float32(0.1))[0]]
+    assert d["outlier_channels"] == expected and 0 < len(expected) < 256
+    assert view.threshold_line.isVisible()
