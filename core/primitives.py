@@ -338,6 +338,9 @@ def _rtn_rows(
         x = w[r0:r1].reshape(r1 - r0, groups, gs)
         lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
         finite = bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())
+        # bf16/fp16 → float32 is exact and monotonic, so converting the extremes after the
+        # reduction equals reducing a float32 copy; the qparams must be computed in float32.
+        lo, hi = lo.float(), hi.float()
         s, z = _qparams_from_range(lo.clamp_(max=0), hi.clamp_(min=0), bits, sym)
         scale[r0:r1] = s.squeeze(-1)
         zero[r0:r1] = z.squeeze(-1)

@@ -45,8 +45,10 @@ class RTNQuantizer:
         cfg = self.config
 
         def quantize(w: torch.Tensor, dtype: torch.dtype, name: str) -> QuantizedWeight:
+            # Handed over in its own dtype: the primitives read bf16/fp16 directly, converting
+            # chunk by chunk, with the same codes as a float32 copy (no full-size copy here).
             return quantize_to_intweight(
-                w.float(),
+                w,
                 cfg.bits,
                 cfg.sym,
                 cfg.granularity,
