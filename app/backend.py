@@ -175,6 +175,31 @@ def run_quantization(*, job: Any, sink: Sink = null_sink, cancel: CancelToken | 
     return _run(job, sink=sink, cancel=cancel)
 
 
+def find_interrupted(out: str | Path) -> Any | None:
+    """The interrupted run that left a partial folder for `out` (InterruptedJob with
+    `describe()`, `layers_done`, `total_layers`), or None. Reads one small journal: UI thread."""
+    from core.engine import find_interrupted as _find
+
+    return _find(Path(out))
+
+
+def verify_export(*, path: str | Path, sink: Sink = null_sink, cancel: CancelToken | None = None) -> Any:
+    """Worker function: load the written export with its real consumer and compare its logits
+    and perplexity with Quantscope's model (core.export.verify). Returns the VerifyReport;
+    raises VerifyError (a ValueError) when they differ beyond the tolerance."""
+    from core.export.verify import verify_export as _verify
+
+    return _verify(Path(path), sink=sink, cancel=cancel)
+
+
+def is_verify_mismatch(exc: object) -> bool:
+    """True when `exc` is verify_export's VerifyError (the export computes a different function),
+    as opposed to a failure to load or read it."""
+    from core.export.verify import VerifyError
+
+    return isinstance(exc, VerifyError)
+
+
 def exports_for(method_config: Any) -> list[str]:
     """Export formats that can represent this method's output (others are not offered)."""
     from core.export import default_export, exporters_accepting

@@ -2,6 +2,7 @@
 a worker thread; progress, ETA, the live per-layer error plot and the log follow its events."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from PySide6.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
+    QMessageBox,
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
@@ -355,6 +357,7 @@ class QuantizeView(QWidget):
         except ValueError as exc:
             self.error.emit("Cannot start", str(exc))
             return False
+        job = self._ask_resume(job)
         self.last_job = job
         self.last_result = None
         self.plot.clear()
@@ -364,10 +367,29 @@ class QuantizeView(QWidget):
         self.progress.setRange(0, 0)
         self.stage.setText("Starting…")
         self.eta.setText("")
-        self._append_log(f"quantize {job.model} → {job.out} ({job.method.method}, export {job.export or 'default'})")
+        resumed = ", resuming the interrupted run" if job.resume else ""
+        self._append_log(f"quantize {job.model} → {job.out} ({job.method.method}, export {job.export or 'default'}{resumed})")
         self.runner.start(backend.run_quantization, job=job)
         self.status.emit(f"Quantizing {job.model.name} with {job.method.method}…")
         return True
+
+    def _ask_resume(self, job: QuantJob) -> QuantJob:
+        """When an earlier run into the same folder was interrupted, offer to continue it from its
+        last finished layer; declining starts afresh (the engine replaces the leftover)."""
+        if job.resume:
+            return job
+        try:
+            found = backend.find_interrupted(job.out)
+        except (OSError, ValueError):
+            found = None
+        if found is None:
+            return job
+        answer = QMessageBox.question(
+            self, "Resume interrupted job?", found.describe() + "\n\nResume from the last finished layer?",
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, QMessageBox.StandardButton.Yes)
+        if answer == QMessageBox.StandardButton.Yes:
+            return dataclasses.replace(job, resume=True)
+        return job
 
     def cancel(self) -> None:
         if self.runner.running:

@@ -94,6 +94,22 @@ class ResultsView(QWidget):
         mf.addRow(buttons)
         mf.addRow(self.eval_progress)
 
+        # ---------------- verify export: load the written folder with its real consumer
+        self.verify_runner = TaskRunner(self)
+        self.verify_button = QPushButton(icon("run"), "Verify export")
+        self.verify_button.setToolTip("Load the written output with its real consumer (transformers, vLLM "
+                                      "layout, llama.cpp) and compare logits and perplexity with Quantscope's model")
+        self.verify_button.clicked.connect(self.verify)
+        self.verify_button.setEnabled(False)
+        self.verify_status = QLabel("Not verified yet.")
+        self.verify_status.setWordWrap(True)
+        self.verify_status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.verify_report: Any = None
+        verify_box = QGroupBox("Export check")
+        vf = QVBoxLayout(verify_box)
+        vf.addWidget(self.verify_button)
+        vf.addWidget(self.verify_status)
+
         self.save_button = QPushButton(icon("save"), "Save report…")
         self.save_button.setToolTip("report.json, layers.png and report.html into a folder (Ctrl+E)")
         self.save_button.clicked.connect(self._ask_save)
@@ -110,6 +126,7 @@ class ResultsView(QWidget):
         ll = QVBoxLayout(left)
         ll.addWidget(self.summary)
         ll.addWidget(metrics)
+        ll.addWidget(verify_box)
         ll.addLayout(save_row)
         ll.addStretch(1)
         self.plot = LayerErrorPlot(theme)
@@ -126,9 +143,13 @@ class ResultsView(QWidget):
         self.runner.failed.connect(self._on_failed)
         self.runner.cancelled.connect(self._on_cancelled)
         self.runner.running_changed.connect(self._running_changed)
+        self.verify_runner.finished.connect(self._on_verified)
+        self.verify_runner.failed.connect(self._on_verify_failed)
+        self.verify_runner.cancelled.connect(self._on_verify_cancelled)
+        self.verify_runner.running_changed.connect(self._verify_running_changed)
 
     def runners(self) -> list[TaskRunner]:
-        return [self.runner]
+        return [self.runner, self.verify_runner]
 
     # ------------------------------------------------------------ job
     def set_job(self, job: Any, result: Any, points: list[LayerPoint]) -> None:
@@ -154,6 +175,9 @@ class ResultsView(QWidget):
         for lab in (self.ppl_before, self.ppl_after, self.ppl_change, self.kl):
             lab.setText("—")
         self.eval_button.setEnabled(out is not None)
+        self.verify_report = None
+        self._set_verify_state("", "Not verified yet.")
+        self.verify_button.setEnabled(out is not None and not self.verify_runner.running)
         self.save_button.setEnabled(True)
         self.save_plot_button.setEnabled(True)
         if self.auto.isChecked() and out is not None:
@@ -170,6 +194,62 @@ class ResultsView(QWidget):
                           windows=self.windows.value())
         self.status.emit("Evaluating perplexity before and after…")
         return True
+
+    # ------------------------------------------------------------ verify export
+    def output_path(self) -> Path | None:
+        out = getattr(self.result, "output", None)
+        return Path(out) if out is not None else None
+
+    def verify(self) -> bool:
+        """Load the written output with its real consumer on a worker thread (core.export.verify)."""
+        out = self.output_path()
+        if out is None or not out.exists():
+            self.error.emit("Nothing to verify", "Run a quantization first; the check loads the folder it wrote.")
+            return False
+        self.verify_report = None
+        self._set_verify_state("", f"Verifying {out.name}: loading it with its consumer…")
+        self.verify_runner.start(backend.verify_export, path=out)
+        self.status.emit(f"Verifying the export in {out}…")
+        return True
+
+    def _set_verify_state(self, state: str, text: str) -> None:
+        """state: "ok", "error" or "" (neutral); the label's objectName picks the theme's colour."""
+        names = {"ok": "Success", "error": "Error"}
+        self.verify_status.setObjectName(names.get(state, ""))
+        self.verify_status.setProperty("verifyState", state)
+        color = {"ok": "#1a7f37", "error": "#cf222e"}.get(state)
+        self.verify_status.setStyleSheet(f"color: {color}; font-weight: 600;" if color else "")
+        self.verify_status.setText(text)
+
+    @Slot(object)
+    def _on_verified(self, report: Any) -> None:
+        self.verify_report = report
+        verdict = "OK" if report.ok else "MISMATCH"
+        text = (f"{verdict} — loaded with {report.loader}<br>"
+                f"max logit difference {report.max_logit_diff:.3g} (relative {report.rel_logit_diff:.3g}, "
+                f"tolerance {report.tolerance:.3g})<br>"
+                f"perplexity {report.ppl_loader:.3f} ({report.loader}) vs {report.ppl_quantscope:.3f} (Quantscope) "
+                f"on {report.tokens} tokens")
+        self._set_verify_state("ok" if report.ok else "error", text)
+        self.status.emit(f"Export verified: {verdict} with {report.loader}")
+        if not report.ok:
+            self.error.emit("Export verification failed", text.replace("<br>", "\n"))
+
+    @Slot(object, str)
+    def _on_verify_failed(self, exc: object, _tb: str) -> None:
+        kind = "MISMATCH" if backend.is_verify_mismatch(exc) else "ERROR"
+        msg = str(exc) or type(exc).__name__
+        self._set_verify_state("error", f"{kind} — {msg}")
+        self.status.emit(f"Export verification: {kind}")
+        self.error.emit("Export verification failed", msg)
+
+    @Slot()
+    def _on_verify_cancelled(self) -> None:
+        self._set_verify_state("", "Verification cancelled.")
+
+    @Slot(bool)
+    def _verify_running_changed(self, running: bool) -> None:
+        self.verify_button.setEnabled(not running and self.output_path() is not None)
 
     @Slot(object)
     def _on_event(self, ev: object) -> None:

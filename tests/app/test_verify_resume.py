@@ -1,0 +1,152 @@
+"""Results tab's "Verify export" button (the written folder loaded by its real consumer, off the
+UI thread) and the Quantize tab's resume prompt for a run that was killed mid-way."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core.events import Log
+
+pytestmark = pytest.mark.timeout(300)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _start_rtn(window: Any, model: Path, out: Path) -> None:
+    window.open_model_folder(model)
+    q = window.quantize_view
+    q.set_method("rtn")
+    q.bits.setValue(4)
+    q.group_size.setCurrentText("32")
+    q.out_dir.setText(str(out))
+    assert q.run(), "run() refused to start"
+
+
+def test_verify_export_button_loads_the_output_with_transformers(
+        window: Any, qtbot: Any, tiny_llama_dir: Path, tmp_path: Path, dialogs: list) -> None:
+    view = window.results_view
+    assert not view.verify_button.isEnabled()  # nothing written yet
+    with qtbot.waitSignal(window.quantize_view.job_finished, timeout=120000):
+        _start_rtn(window, tiny_llama_dir, tmp_path / "tiny-rtn")
+    assert view.verify_button.isEnabled()
+    with qtbot.waitSignal(view.verify_runner.finished, timeout=180000) as blocker:
+        qtbot.mouseClick(view.verify_button, __import__("PySide6.QtCore", fromlist=["Qt"]).Qt.MouseButton.LeftButton)
+    assert dialogs == []
+    report = blocker.args[0]
+    assert report.ok and report.loader.startswith("transformers")
+    text = view.verify_status.text()
+    assert text.startswith("OK") and "transformers" in text and "MISMATCH" not in text
+    assert f"{report.ppl_loader:.3f}" in text and f"{report.ppl_quantscope:.3f}" in text
+    assert view.verify_status.property("verifyState") == "ok"
+    assert view.verify_button.isEnabled()
+
+
+def test_verify_failure_is_shown_as_an_error(window: Any, qtbot: Any, tiny_llama_dir: Path, tmp_path: Path,
+                                             dialogs: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app import backend
+    from core.export.verify import VerifyError
+
+    def mismatch(*, path: Any, sink: Any, cancel: Any) -> Any:
+        raise VerifyError(f"{path}: logits differ by 3.5 (tolerance 0.01)")
+
+    with qtbot.waitSignal(window.quantize_view.job_finished, timeout=120000):
+        _start_rtn(window, tiny_llama_dir, tmp_path / "tiny-rtn")
+    monkeypatch.setattr(backend, "verify_export", mismatch)
+    view = window.results_view
+    with qtbot.waitSignal(view.verify_runner.failed, timeout=60000):
+        assert view.verify()
+    assert view.verify_status.text().startswith("MISMATCH")
+    assert view.verify_status.property("verifyState") == "error"
+    assert dialogs and dialogs[-1][0] == "Export verification failed"
+
+
+def _journaled_layers(out: Path) -> int:
+    from core.output import JOURNAL_FILE, partial_dir
+
+    try:
+        return len(json.loads((partial_dir(out) / JOURNAL_FILE).read_text())["layers"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _kill_after_first_layer(model: Path, out: Path, timeout: float = 120.0) -> None:
+    """`python -m core quantize` slowed by a sleep after each layer, SIGKILLed once one layer is
+    journaled: a real interrupted partial folder that nothing cleaned up."""
+    env = dict(os.environ, QUANTSCOPE_TEST_LAYER_DELAY="1", PYTHONPATH=str(ROOT))
+    args = ["quantize", "--model", str(model), "--method", "rtn", "--bits", "4", "--group-size", "32",
+            "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "core", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    try:
+        while _journaled_layers(out) < 1:
+            if proc.poll() is not None:
+                pytest.fail(f"quantize exited ({proc.returncode}) early: {proc.stderr.read().decode()[-2000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no journaled layer within {timeout} s")
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()
+
+
+def test_run_offers_to_resume_an_interrupted_job(window: Any, qtbot: Any, tiny_model_factory: Any,
+                                                 tmp_path: Path, dialogs: list,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from PySide6.QtWidgets import QMessageBox
+
+    from core.engine import find_interrupted
+
+    model = tiny_model_factory(layers=4)
+    out = tmp_path / "resumed"
+    _kill_after_first_layer(model, out)
+    found = find_interrupted(out)
+    assert found is not None and 1 <= found.layers_done < found.total_layers == 4
+
+    asked: list[tuple[str, str]] = []
+
+    def yes(_parent: Any, title: str, text: str, *args: Any, **kwargs: Any) -> QMessageBox.StandardButton:
+        asked.append((title, text))
+        return QMessageBox.StandardButton.Yes
+
+    monkeypatch.setattr(QMessageBox, "question", yes)
+    q = window.quantize_view
+    logs: list[str] = []
+    q.runner.event.connect(lambda ev: logs.append(ev.message) if isinstance(ev, Log) else None)
+    with qtbot.waitSignal(q.job_finished, timeout=120000):
+        _start_rtn(window, model, out)
+    assert dialogs == []
+    assert len(asked) == 1
+    assert asked[0][0] == "Resume interrupted job?"
+    assert found.describe() in asked[0][1] and "Resume from the last finished layer?" in asked[0][1]
+    assert q.last_job.resume
+    assert out.is_dir() and (out / "config.json").is_file()
+    assert any("reused from the interrupted run" in m for m in logs)
+    assert "reused from the interrupted run" in q.log.toPlainText()
+
+
+def test_declining_resume_starts_afresh(window: Any, qtbot: Any, tiny_model_factory: Any, tmp_path: Path,
+                                        dialogs: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PySide6.QtWidgets import QMessageBox
+
+    model = tiny_model_factory(layers=4)
+    out = tmp_path / "fresh"
+    _kill_after_first_layer(model, out)
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.StandardButton.No)
+    q = window.quantize_view
+    with qtbot.waitSignal(q.job_finished, timeout=120000):
+        _start_rtn(window, model, out)
+    assert not q.last_job.resume
+    assert out.is_dir()
+    assert "reused from the interrupted run" not in q.log.toPlainText()
