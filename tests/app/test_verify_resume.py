@@ -32,13 +32,15 @@ def _start_rtn(window: Any, model: Path, out: Path) -> None:
 
 def test_verify_export_button_loads_the_output_with_transformers(
         window: Any, qtbot: Any, tiny_llama_dir: Path, tmp_path: Path, dialogs: list) -> None:
+    from PySide6.QtCore import Qt
+
     view = window.results_view
     assert not view.verify_button.isEnabled()  # nothing written yet
     with qtbot.waitSignal(window.quantize_view.job_finished, timeout=120000):
         _start_rtn(window, tiny_llama_dir, tmp_path / "tiny-rtn")
     assert view.verify_button.isEnabled()
     with qtbot.waitSignal(view.verify_runner.finished, timeout=180000) as blocker:
-        qtbot.mouseClick(view.verify_button, __import__("PySide6.QtCore", fromlist=["Qt"]).Qt.MouseButton.LeftButton)
+        qtbot.mouseClick(view.verify_button, Qt.MouseButton.LeftButton)
     assert dialogs == []
     report = blocker.args[0]
     assert report.ok and report.loader.startswith("transformers")
