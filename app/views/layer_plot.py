@@ -63,6 +63,29 @@ class _Series:
     tips: list[str] = field(default_factory=list)
 
 
+class _ErrorAxis(pg.AxisItem):
+    """Left axis that labels a log scale with plain numbers at 1-2-5 steps (1-9 when the data
+    spans less than one such step): pyqtgraph labels only whole decades, and per-layer errors
+    usually sit inside a single decade, which left the axis without any number."""
+
+    log_labels = False  # the plotted values are log10 of the metric
+
+    def tickValues(self, minVal: float, maxVal: float, size: float) -> list:
+        if not self.log_labels:
+            return super().tickValues(minVal, maxVal, size)
+        for mantissas in ((1, 2, 5), range(1, 10)):
+            values = [math.log10(m) + e for e in range(math.floor(minVal) - 1, math.ceil(maxVal) + 1)
+                      for m in mantissas if minVal <= math.log10(m) + e <= maxVal]
+            if len(values) >= 3:
+                break
+        return [(1.0, values)]
+
+    def tickStrings(self, values: list, scale: float, spacing: float) -> list[str]:
+        if not self.log_labels:
+            return super().tickStrings(values, scale, spacing)
+        return [f"{10 ** v:.3g}" for v in values]
+
+
 class LayerErrorPlot(QWidget):
     metric_changed = Signal(str)
 
@@ -76,12 +99,15 @@ class LayerErrorPlot(QWidget):
         self.metric_box.currentIndexChanged.connect(self._metric_changed)
         self.count_label = QLabel("0 linears")
         self.count_label.setObjectName("Muted")
-        self.plot = pg.PlotWidget()
+        self.plot = pg.PlotWidget(axisItems={"left": _ErrorAxis("left")})
         self.plot.setMenuEnabled(False)
         self.plot.showGrid(x=False, y=True, alpha=0.2)
         self.plot.setLabel("bottom", "decoder layer")
         # SI prefixes turn 0.05 into "5·10¹ (×0.001)" on a log axis; plain numbers read better.
         self.plot.getAxis("left").enableAutoSIPrefix(False)
+        # A fixed width: the axis sizes itself to its labels only after a paint, which left a
+        # plot filled while its tab was hidden with no room for them.
+        self.plot.getAxis("left").setWidth(56)
         legend = self.plot.addLegend(offset=(-10, 10), colCount=4)
         legend.setLabelTextSize("8pt")
         self.series: dict[str, _Series] = {t: _Series() for t in MODULE_TYPES}
@@ -186,7 +212,12 @@ class LayerErrorPlot(QWidget):
     def _apply_axis(self) -> None:
         label, log = METRICS[self.metric]
         self.plot.setLabel("left", label)
-        self.plot.getPlotItem().setLogMode(False, log)
+        # The series already hold log10 values; the axis only labels them (pyqtgraph's own log
+        # mode would transform the data a second time and labels whole decades only).
+        axis = self.plot.getAxis("left")
+        axis.log_labels = log
+        axis.picture = None
+        axis.update()
 
     def _metric_changed(self) -> None:
         self._apply_axis()
