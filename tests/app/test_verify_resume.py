@@ -2,22 +2,16 @@
 UI thread) and the Quantize tab's resume prompt for a run that was killed mid-way."""
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import interrupted
 from core.events import Log
 
 pytestmark = pytest.mark.timeout(300)
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _start_rtn(window: Any, model: Path, out: Path) -> None:
@@ -70,37 +64,11 @@ def test_verify_failure_is_shown_as_an_error(window: Any, qtbot: Any, tiny_llama
     assert dialogs and dialogs[-1][0] == "Export verification failed"
 
 
-def _journaled_layers(out: Path) -> int:
-    from core.output import JOURNAL_FILE, partial_dir
-
-    try:
-        return len(json.loads((partial_dir(out) / JOURNAL_FILE).read_text())["layers"])
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
-def _kill_after_first_layer(model: Path, out: Path, timeout: float = 120.0) -> None:
-    """`python -m core quantize` slowed by a sleep after each layer, SIGKILLed once one layer is
-    journaled: a real interrupted partial folder that nothing cleaned up."""
-    env = dict(os.environ, QUANTSCOPE_TEST_LAYER_DELAY="1", PYTHONPATH=str(ROOT))
+def _kill_after_first_layer(model: Path, out: Path) -> None:
+    """A real interrupted partial folder that nothing cleaned up: one layer journaled."""
     args = ["quantize", "--model", str(model), "--method", "rtn", "--bits", "4", "--group-size", "32",
             "--out", str(out)]
-    proc = subprocess.Popen([sys.executable, "-m", "core", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + timeout
-    try:
-        while _journaled_layers(out) < 1:
-            if proc.poll() is not None:
-                pytest.fail(f"quantize exited ({proc.returncode}) early: {proc.stderr.read().decode()[-2000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"no journaled layer within {timeout} s")
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
-    assert not out.exists()
+    interrupted.kill_after_layers(args, out, 1, delay=1.0)
 
 
 def test_run_offers_to_resume_an_interrupted_job(window: Any, qtbot: Any, tiny_model_factory: Any,

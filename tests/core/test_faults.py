@@ -5,20 +5,15 @@ from __future__ import annotations
 
 import errno
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import interrupted
 from core.cli import main
-from core.output import JOURNAL_FILE, OutputWriter, partial_dir
+from core.output import OutputWriter, partial_dir
 
-ROOT = Path(__file__).resolve().parents[2]
 LAYERS = 6
 
 # GPTQ calibration kept tiny so a run takes seconds.
@@ -31,36 +26,12 @@ def _args(model: Path, out: Path, method: str, *extra: str) -> list[str]:
     return args + (_CALIB_ARGS if method == "gptq" else [])
 
 
-def _layers_journaled(out: Path) -> int:
-    try:
-        return len(json.loads((partial_dir(out) / JOURNAL_FILE).read_text())["layers"])
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
 def kill_after_layers(args: list[str], out: Path, layers: int, timeout: float = 120.0) -> None:
-    """Start `python -m core <args>` slowed down between layers, SIGKILL it once `layers` layers
-    are journaled (nothing can clean up), and check it left its temporary folder."""
-    env = dict(os.environ, QUANTSCOPE_TEST_LAYER_DELAY="0.5", PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "core", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + timeout
-    try:
-        while _layers_journaled(out) < layers:
-            if proc.poll() is not None:
-                pytest.fail(f"quantize exited ({proc.returncode}) before {layers} layers: "
-                            f"{proc.stderr.read().decode()[-2000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"no {layers} journaled layers within {timeout} s")
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
-    done = _layers_journaled(out)
-    assert layers <= done < LAYERS
-    assert not out.exists() and partial_dir(out).is_dir()
+    """SIGKILL a slowed-down quantize subprocess once `layers` layers are journaled, and check it
+    left its temporary folder with fewer than all layers done."""
+    interrupted.kill_after_layers(args, out, layers, delay=0.5, timeout=timeout)
+    assert layers <= interrupted.journaled_layers(out) < LAYERS
+    assert partial_dir(out).is_dir()
 
 
 def assert_same_output(a: Path, b: Path) -> None:
