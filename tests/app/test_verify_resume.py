@@ -13,7 +13,6 @@ from core.events import Log
 pytestmark = pytest.mark.timeout(300)
 
 
-
 def _start_rtn(window: Any, model: Path, out: Path) -> None:
     window.open_model_folder(model)
     q = window.quantize_view
