@@ -77,8 +77,17 @@ class _ErrorAxis(pg.AxisItem):
             values = [math.log10(m) + e for e in range(math.floor(minVal) - 1, math.ceil(maxVal) + 1)
                       for m in mantissas if minVal <= math.log10(m) + e <= maxVal]
             if len(values) >= 3:
-                break
-        return [(1.0, values)]
+                return [(1.0, values)]
+        # A narrow band (e.g. 0.11-0.15): evenly spaced round values instead.
+        lo, hi = 10 ** minVal, 10 ** maxVal
+        raw = (hi - lo) / 4
+        if raw <= 0:
+            return [(1.0, [])]
+        magnitude = 10 ** math.floor(math.log10(raw))
+        step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
+        start = math.ceil(lo / step) * step
+        ticks = [start + k * step for k in range(int((hi - start) / step) + 1)]
+        return [(1.0, [math.log10(t) for t in ticks if t > 0])]
 
     def tickStrings(self, values: list, scale: float, spacing: float) -> list[str]:
         if not self.log_labels:

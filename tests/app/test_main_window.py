@@ -2,6 +2,7 @@
 cancel; bad folders; closing during a run."""
 from __future__ import annotations
 
+import math
 import threading
 import time
 from pathlib import Path
@@ -254,3 +255,16 @@ def test_inspector_shows_histogram_heatmap_and_activation_outliers(
     expected = [int(i) for i in np.nonzero(a >= np.float32(0.1))[0]]
     assert d["outlier_channels"] == expected and 0 < len(expected) < 256
     assert view.threshold_line.isVisible()
+
+
+def test_error_axis_labels_a_narrow_log_band_with_plain_numbers(qtbot: Any) -> None:
+    """Per-layer errors often sit inside one decade (0.11-0.15): the log axis must still carry
+    readable labels, not none."""
+    from app.views.layer_plot import _ErrorAxis
+
+    axis = _ErrorAxis("left")
+    axis.log_labels = True
+    (_, narrow), = axis.tickValues(math.log10(0.113), math.log10(0.153), 500)
+    assert axis.tickStrings(narrow, 1.0, 1.0) == ["0.12", "0.13", "0.14", "0.15"]
+    (_, wide), = axis.tickValues(math.log10(0.005), math.log10(0.5), 500)
+    assert axis.tickStrings(wide, 1.0, 1.0)[:3] == ["0.005", "0.01", "0.02"]
