@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -43,7 +44,21 @@ def channel_vector(v: torch.Tensor, limit: int = MAX_VECTOR) -> dict[str, Any]:
     if stride > 1:
         pad = stride * math.ceil(v.numel() / stride) - v.numel()
         v = torch.cat([v, v.new_full((pad,), -math.inf)]).view(-1, stride).amax(dim=1)
-    return {"values": [_compact(x) for x in v.tolist()], "stride": stride}
+    return {"values": _compact_all(v), "stride": stride}
+
+
+def _compact_all(v: torch.Tensor) -> list[float]:
+    """`_compact` for a whole vector at once. A per-element Python loop over every linear's
+    channels held the GIL long enough to stall the GUI's event loop while a job ran."""
+    a = v.double().numpy()
+    finite = np.isfinite(a) & (a != 0)
+    digits = np.zeros(a.shape, dtype=np.int64)
+    digits[finite] = 4 - np.floor(np.log10(np.abs(a[finite]))).astype(np.int64)
+    out = a.copy()
+    for d in np.unique(digits[finite]):  # a handful of magnitudes, not one per element
+        sel = finite & (digits == d)
+        out[sel] = np.round(a[sel], int(d))
+    return out.tolist()
 
 
 def weight_stats(w: torch.Tensor, sigmas: tuple[int, ...] = SIGMAS) -> dict[str, Any]:
