@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from gui_steps import start_rtn
+
 from core.events import LayerDone
 
 pytestmark = pytest.mark.timeout(240)
@@ -94,13 +96,7 @@ def gated_engine(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
 
 
 def _start_rtn(window: Any, model: Path, out: Path) -> None:
-    window.open_model_folder(model)
-    q = window.quantize_view
-    q.set_method("rtn")
-    q.bits.setValue(4)
-    q.group_size.setCurrentText("64")
-    q.out_dir.setText(str(out))
-    assert q.run(), "run() refused to start"
+    start_rtn(window, model, out, group_size=64)
 
 
 def test_rtn_quantization_through_the_worker_plots_one_point_per_linear(

@@ -9,18 +9,13 @@ import pytest
 
 import interrupted
 from core.events import Log
+from gui_steps import start_rtn
 
 pytestmark = pytest.mark.timeout(300)
 
 
 def _start_rtn(window: Any, model: Path, out: Path) -> None:
-    window.open_model_folder(model)
-    q = window.quantize_view
-    q.set_method("rtn")
-    q.bits.setValue(4)
-    q.group_size.setCurrentText("32")
-    q.out_dir.setText(str(out))
-    assert q.run(), "run() refused to start"
+    start_rtn(window, model, out, group_size=32)
 
 
 def test_verify_export_button_loads_the_output_with_transformers(
