@@ -112,15 +112,19 @@ def test_fourbit_export_loads_in_transformers_and_matches_dequantized_model(
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert type(loaded.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
     assert type(loaded.lm_head).__name__ == "Linear"
-    with torch.no_grad():
-        got = loaded(ids).logits.float()
-    ref = _reference_logits(src, quantized, ids)
-    assert float((got - ref).abs().max()) < 1e-4
-    # and the loaded layer carries exactly our statistics
+    # the loaded layer carries exactly our statistics (checked before a forward: on CPUs with
+    # AVX512-BF16, bitsandbytes repacks the weight and rounds absmax to bf16 at the first call)
     qs = loaded.model.layers[1].self_attn.o_proj.weight.quant_state
     ours = quantized["model.layers.1.self_attn.o_proj"]
     assert torch.equal(loaded.model.layers[1].self_attn.o_proj.weight.data.view(torch.uint8), ours.packed)
     assert torch.equal(qs.absmax, ours.absmax)
+    ref = _reference_logits(src, quantized, ids)
+    for module in loaded.modules():
+        if type(module).__name__ == "Linear4bit":
+            module.support_avx512bf16_for_cpu = False  # bnb's exact float32 kernel, as on any CPU
+    with torch.no_grad():
+        got = loaded(ids).logits.float()
+    assert float((got - ref).abs().max()) < 1e-4
 
 
 def test_int8_export_loads_in_transformers_with_same_codes(tmp_path: Path) -> None:
