@@ -262,25 +262,40 @@ def _check_finite(name: str, t: torch.Tensor, src: ModelSource) -> None:
         )
 
 
-def _validate_groups(src: ModelSource, method_config: Any, skip: tuple[str, ...]) -> None:
-    """Refuse (rather than pad) a group size that does not divide some linear's in_features,
-    before any work is done."""
-    from core.primitives import resolve_group_size
-
-    granularity = getattr(method_config, "granularity", None)
-    group_size = getattr(method_config, "group_size", None)
-    if granularity is None or group_size is None or Granularity(granularity) is not Granularity.GROUP:
-        return
+def _linear_widths(src: ModelSource, skip: tuple[str, ...]) -> dict[str, int]:
+    """{decoder linear to quantize: in_features}, from the safetensors headers."""
+    widths: dict[str, int] = {}
     for name, info in src.tensors.items():
         if not (name.startswith("model.layers.") and name.endswith("_proj.weight") and len(info.shape) == 2):
             continue
         module = name[: -len(".weight")]
-        if is_skipped(module, skip):
-            continue
-        try:
-            resolve_group_size(info.shape[1], granularity, group_size, module)
-        except ValueError as exc:
-            raise ValueError(f"{exc} (Quantscope refuses rather than pads)") from None
+        if not is_skipped(module, skip):
+            widths[module] = int(info.shape[1])
+    return widths
+
+
+def _validate_groups(src: ModelSource, job: QuantJob, export_name: str, emit: Sink) -> None:
+    """Before any work: a group size that does not divide some linear's in_features leaves a
+    ragged last group (stored as ceil(in/group_size) groups). Refuse it when the chosen layout
+    cannot store that (compressed-tensors, AWQ); say so when the default layout moved to GPTQ."""
+    from core.export import ragged_linears, ragged_refusal
+
+    widths = _linear_widths(src, job.skip)
+    ragged = ragged_linears(job.method, widths)
+    if not ragged:
+        return
+    module, width = next(iter(ragged.items()))
+    group_size = int(job.method.group_size)
+    if get_exporter(export_name).accepts(job.method) is not None:
+        return  # _load_exporter has refused already
+    gptq_ok = get_exporter("gptq").accepts(job.method) is None
+    msg = ragged_refusal(export_name, module, width, group_size, set(widths.values()), gptq_ok=gptq_ok)
+    if msg is not None:
+        raise ValueError(msg)
+    if job.export is None and export_name != default_export(job.method):
+        emit(Log("info", f"group size {group_size} does not divide in_features of {len(ragged)} linears "
+                         f"({width} % {group_size} = {width % group_size} in {module}): their last group is ragged; "
+                         f"{default_export(job.method)} cannot store that, so the export is {export_name}"))
 
 
 class _Calibration:
@@ -416,9 +431,9 @@ def run_quantization(job: QuantJob, *, sink: Sink = null_sink, cancel: CancelTok
     src = open_model(job.model)
     src.require_weights()
     quantizer = _load_quantizer(job.method)
-    export_name = job.export or default_export(job.method)
+    export_name = job.export or default_export(job.method, _linear_widths(src, job.skip))
     exporter = _load_exporter(export_name, job.method)
-    _validate_groups(src, job.method, job.skip)
+    _validate_groups(src, job, export_name, emit)
     if src.num_layers <= 0 or not src.layer_tensor_names(0):
         raise ValueError(f"{src.path}: no decoder layer tensors (model.layers.N.*) found; is this a causal LM folder?")
     head = [n for n in src.non_layer_tensor_names() if n.startswith(_HEAD_PREFIXES)]

@@ -5,7 +5,14 @@ a weight [out, in] is viewed as [rows, G, group] where
 
   TENSOR  -> rows = 1,   G = 1,            group = out·in   (scale [1, 1])
   CHANNEL -> rows = out, G = 1,            group = in       (scale [out, 1])
-  GROUP   -> rows = out, G = in/group_size, group = group_size (scale [out, G])
+  GROUP   -> rows = out, G = ceil(in/group_size), group = group_size (scale [out, G])
+
+When group_size does not divide in, the last group is *ragged*: it holds the in % group_size
+columns that are left, and its range is taken over those columns only (the reference GPTQ
+implementation and the GPTQ checkpoint layout do the same: ceil(in/group_size) scale rows,
+g_idx = column // group_size). Internally such a weight is handled as two parts, the
+[rows, in // group_size, group_size] block view of the dividing columns and the [rows, 1, tail]
+view of the tail, so that a dividing group size runs exactly the operations it always did.
 
 Grid (DESIGN §4): q = clamp(round(x/s) + z, 0, 2^b − 1), x̂ = s·(q − z). Codes are always stored
 unsigned; symmetric uses z = 2^(b−1) and s = absmax/(2^(b−1) − 1), so the code 0 is never produced
@@ -62,31 +69,59 @@ def _divisor_hint(in_features: int, group_size: int) -> str:
     return f"use {', '.join(map(str, picks))} or -1 (per-channel)"
 
 
+def common_divisor_hint(widths: list[int] | set[int] | tuple[int, ...], group_size: int, sep: str = "/") -> str:
+    """Up to three group sizes (multiples of 8) that divide every width in `widths`, closest to
+    `group_size`, joined by `sep` ("64/96/192"); "" when there is none."""
+    g = 0
+    for w in widths:
+        g = math.gcd(g, int(w))
+    divisors = [d for d in range(8, g + 1, 8) if g % d == 0]
+    divisors.sort(key=lambda d: (abs(d - group_size), d))
+    return sep.join(map(str, sorted(divisors[:3])))
+
+
 def resolve_group_size(
     in_features: int, granularity: Granularity | str, group_size: int, name: str | None = None
 ) -> int:
     """Columns per scale group for a weight with `in_features` columns.
 
     group_size ≤ 0 (e.g. -1) or ≥ in_features with GROUP means one group per row (per-channel).
-    Raises ValueError when a group size does not divide in_features.
+    A group size that does not divide in_features is returned as it is: the last of the
+    ceil(in_features / group_size) groups is ragged (see `ragged_tail`). `name` is accepted for
+    the callers' messages and unused.
     """
     granularity = Granularity(granularity)
-    if granularity is not Granularity.GROUP or group_size <= 0 or group_size == in_features:
+    if granularity is not Granularity.GROUP or group_size <= 0 or group_size >= in_features:
         return in_features
-    if in_features % group_size:
-        raise ValueError(
-            f"group_size {group_size} does not divide in_features {in_features}{_label(name)}; "
-            f"{_divisor_hint(in_features, group_size)}"
-        )
     return group_size
 
 
-def _blocks(w: torch.Tensor, granularity: Granularity, group_size: int) -> torch.Tensor:
-    """View w [out, in] as [rows, G, group] (see module docstring)."""
+def num_groups(in_features: int, group_size: int) -> int:
+    """Scale groups per row: ceil(in_features / group_size) (1 for group_size ≤ 0)."""
+    return -(-in_features // group_size) if 0 < group_size < in_features else 1
+
+
+def ragged_tail(in_features: int, group_size: int) -> int:
+    """Columns in the ragged last group (0 when group_size divides in_features or is per-channel)."""
+    return in_features % group_size if 0 < group_size < in_features else 0
+
+
+def _blocks(w: torch.Tensor, granularity: Granularity, group_size: int) -> list[torch.Tensor]:
+    """w [out, in] as [rows, G, group] block views (see module docstring): one part when the
+    groups tile the columns, else the dividing columns [out, in // gs, gs] and the ragged tail
+    [out, 1, in % gs]. Concatenating per-part results along dim 1 gives the [rows, G] grid."""
     out, n_in = w.shape
     if granularity is Granularity.TENSOR:
-        return w.reshape(1, 1, out * n_in)
-    return w.reshape(out, n_in // group_size, group_size)
+        return [w.reshape(1, 1, out * n_in)]
+    full = n_in // group_size
+    if full * group_size == n_in:
+        return [w.reshape(out, full, group_size)]
+    main = full * group_size
+    return [w[:, :main].reshape(out, full, group_size), w[:, main:].unsqueeze(1)]
+
+
+def _cat_groups(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def _qparams_from_range(
@@ -126,7 +161,8 @@ def choose_qparams(
     """Scale and zero point of the affine grid for weight w.
 
     w: float [out, in]. Returns scale float32 [rows, G] and zero int32 [rows, G] with rows/G as in
-    the module docstring ([1, 1] per-tensor, [out, 1] per-channel, [out, in/group_size] per-group).
+    the module docstring ([1, 1] per-tensor, [out, 1] per-channel, [out, ceil(in/group_size)]
+    per-group; a ragged last group's range covers its own columns only).
     clip_search: for each group try every ratio of CLIP_RATIOS on its range and keep the one with
     the lowest reconstruction MSE (all groups at once; one pass per ratio).
     """
@@ -136,8 +172,9 @@ def choose_qparams(
         raise ValueError(f"bits must be between 1 and 8{_label(name)}, got {bits}")
     granularity = Granularity(granularity)
     gs = resolve_group_size(w.shape[1], granularity, group_size, name)
-    x = _blocks(w if w.dtype == torch.float32 else w.float(), granularity, gs)
-    lo, hi = torch.aminmax(x, dim=-1, keepdim=True)  # one pass over the weight, not two
+    parts = _blocks(w if w.dtype == torch.float32 else w.float(), granularity, gs)
+    ranges = [torch.aminmax(x, dim=-1, keepdim=True) for x in parts]  # one pass over the weight, not two
+    lo, hi = _cat_groups([r[0] for r in ranges]), _cat_groups([r[1] for r in ranges])
     # A NaN/Inf anywhere in a group makes its min or max non-finite: the only full-tensor finite
     # check this weight needs.
     if not (bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())):
@@ -149,9 +186,14 @@ def choose_qparams(
     scale, zero = _qparams_from_range(lo, hi, bits, sym)
     if clip_search:
         best_err = torch.full_like(scale, math.inf)
+        bounds = [0, parts[0].shape[1], lo.shape[1]]
         for ratio in CLIP_RATIOS:
             s, z = _qparams_from_range(lo * ratio, hi * ratio, bits, sym)
-            err = (_fake_quant(x, s, z, bits) - x).square().sum(dim=-1, keepdim=True)
+            if len(parts) == 1:
+                err = (_fake_quant(parts[0], s, z, bits) - parts[0]).square().sum(dim=-1, keepdim=True)
+            else:
+                err = torch.cat([(_fake_quant(x, s[:, g0:g1], z[:, g0:g1], bits) - x).square().sum(dim=-1, keepdim=True)
+                                 for x, g0, g1 in zip(parts, bounds, bounds[1:])], dim=1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             scale = torch.where(better, s, scale)
@@ -183,12 +225,15 @@ def _workers() -> ThreadPoolExecutor:
         return _pool
 
 
-def _group_view(n_in: int, scale: torch.Tensor, group_size: int) -> int | None:
-    """Columns per scale group when (scale, group_size) tile the columns exactly, else None."""
+def _group_view(n_in: int, scale: torch.Tensor, group_size: int) -> tuple[int, int, int] | None:
+    """(columns per group, full groups, ragged tail columns) when (scale, group_size) cover the
+    columns as ceil(n_in / group_size) groups (the last one possibly ragged), else None."""
     groups = scale.shape[1]
     if groups == 1:
-        return n_in
-    return group_size if groups * group_size == n_in else None
+        return n_in, 1, 0
+    if group_size <= 0 or groups != -(-n_in // group_size):
+        return None
+    return group_size, n_in // group_size, n_in % group_size
 
 
 def _over_row_chunks(out: int, n_in: int, fn: Callable[[int, int, torch.Tensor], T]) -> list[T]:
@@ -227,30 +272,40 @@ def quantize_affine(
     """Codes of w on the grid (scale, zero).
 
     w: float [out, in]; scale float [rows, G], zero int [rows, G] with rows ∈ {1, out} and
-    G = in/group_size (or 1). Returns uint8 [out, in] in [0, 2^bits − 1].
+    G = ceil(in/group_size) (or 1). Returns uint8 [out, in] in [0, 2^bits − 1].
     """
     out, n_in = w.shape
-    gs = _group_view(n_in, scale, group_size)
+    view = _group_view(n_in, scale, group_size)
     qmax = 2**bits - 1
-    if gs is None:
+    if view is None:
         s = _expand_groups(scale.float(), n_in, group_size)
         z = _expand_groups(zero.float(), n_in, group_size)
         return torch.clamp(torch.round(w.float() / s) + z, 0, qmax).to(torch.uint8)
     # Row chunks through a float32 scratch: divide, round, shift and clamp in place while the
     # chunk is in cache, then narrow straight into the codes. Same operations, same order, as
-    # clamp(round(w / s) + z) on the whole tensor, so the codes are bit-identical.
-    groups = n_in // gs
+    # clamp(round(w / s) + z) on the whole tensor, so the codes are bit-identical. A ragged last
+    # group is the same four operations on the chunk's tail columns.
+    gs, groups, tail = view
+    main = groups * gs
     s3 = scale.float().reshape(scale.shape[0], -1, 1)
     z3 = zero.float().reshape(zero.shape[0], -1, 1)
     per_row = scale.shape[0] != 1
     codes = torch.empty(out, n_in, dtype=torch.uint8)
 
     def chunk(r0: int, r1: int, scratch: torch.Tensor) -> None:
-        x = w[r0:r1].reshape(r1 - r0, groups, gs)
-        buf = scratch[: (r1 - r0) * n_in].view(r1 - r0, groups, gs)
-        torch.div(x, s3[r0:r1] if per_row else s3, out=buf)
-        buf.round_().add_(z3[r0:r1] if per_row else z3).clamp_(0, qmax)
-        codes[r0:r1].view(r1 - r0, groups, gs).copy_(buf)
+        rows = r1 - r0
+        s = s3[r0:r1] if per_row else s3
+        z = z3[r0:r1] if per_row else z3
+        x = (w[r0:r1] if not tail else w[r0:r1, :main]).reshape(rows, groups, gs)
+        buf = scratch[: rows * main].view(rows, groups, gs)
+        torch.div(x, s[:, :groups] if tail else s, out=buf)
+        buf.round_().add_(z[:, :groups] if tail else z).clamp_(0, qmax)
+        (codes[r0:r1] if not tail else codes[r0:r1, :main]).view(rows, groups, gs).copy_(buf)
+        if tail:
+            tbuf = scratch[rows * main: rows * n_in].view(rows, tail)
+            torch.div(w[r0:r1, main:], s[:, groups], out=tbuf)
+            tbuf.round_().add_(z[:, groups]).clamp_(0, qmax)
+            codes[r0:r1, main:].copy_(tbuf)
 
     _over_row_chunks(out, n_in, chunk)
     return codes
@@ -259,7 +314,8 @@ def quantize_affine(
 def dequantize_affine(
     codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int
 ) -> torch.Tensor:
-    """x̂ = scale·(codes − zero). codes uint8 [out, in]; scale/zero [rows, G]. Returns float32 [out, in]."""
+    """x̂ = scale·(codes − zero). codes uint8 [out, in]; scale/zero [rows, G] (G = ceil(in/group_size),
+    the last group possibly ragged). Returns float32 [out, in]."""
     n_in = codes.shape[1]
     s = _expand_groups(scale.float(), n_in, group_size)
     z = _expand_groups(zero.float(), n_in, group_size)
@@ -273,26 +329,39 @@ def affine_error_sums(
 
     Row chunks: x̂ is rebuilt in a float32 scratch exactly as dequantize_affine computes it, the
     difference taken in float32, each chunk's squares summed in float32 and the chunk sums added
-    in float64. Returns None when (scale, group_size) do not tile the columns (the caller then
-    dequantizes in full).
+    in float64 (a ragged last group is rebuilt beside the others in the same scratch). Returns
+    None when (scale, group_size) do not cover the columns (the caller then dequantizes in full).
     """
     out, n_in = codes.shape
-    gs = _group_view(n_in, scale, group_size)
-    if gs is None or tuple(w.shape) != (out, n_in):
+    view = _group_view(n_in, scale, group_size)
+    if view is None or tuple(w.shape) != (out, n_in):
         return None
-    groups = n_in // gs
+    gs, groups, tail = view
+    main = groups * gs
     s3 = scale.float().reshape(scale.shape[0], -1, 1)
     z3 = zero.float().reshape(zero.shape[0], -1, 1)
     per_row = scale.shape[0] != 1
 
     def chunk(r0: int, r1: int, scratch: torch.Tensor) -> tuple[float, float]:
-        x = w[r0:r1].reshape(r1 - r0, groups, gs)
-        buf = scratch[: (r1 - r0) * n_in].view(r1 - r0, groups, gs)
-        buf.copy_(codes[r0:r1].view(r1 - r0, groups, gs))
-        buf.sub_(z3[r0:r1] if per_row else z3).mul_(s3[r0:r1] if per_row else s3)
+        rows = r1 - r0
+        s = s3[r0:r1] if per_row else s3
+        z = z3[r0:r1] if per_row else z3
+        x = (w[r0:r1] if not tail else w[r0:r1, :main]).reshape(rows, groups, gs)
+        buf = scratch[: rows * main].view(rows, groups, gs)
+        buf.copy_((codes[r0:r1] if not tail else codes[r0:r1, :main]).view(rows, groups, gs))
+        buf.sub_(z[:, :groups] if tail else z).mul_(s[:, :groups] if tail else s)
         buf.sub_(x)
         xf = x.reshape(-1) if x.dtype == torch.float32 else x.reshape(-1).float()
-        return float(torch.linalg.vecdot(buf.view(-1), buf.view(-1))), float(torch.linalg.vecdot(xf, xf))
+        noise, signal = float(torch.linalg.vecdot(buf.view(-1), buf.view(-1))), float(torch.linalg.vecdot(xf, xf))
+        if tail:
+            xt = w[r0:r1, main:]
+            tbuf = scratch[rows * main: rows * n_in].view(rows, tail)
+            tbuf.copy_(codes[r0:r1, main:])
+            tbuf.sub_(z[:, groups]).mul_(s[:, groups]).sub_(xt)
+            xtf = xt.reshape(-1).float()
+            noise += float(torch.linalg.vecdot(tbuf.view(-1), tbuf.view(-1)))
+            signal += float(torch.linalg.vecdot(xtf, xtf))
+        return noise, signal
 
     sums = _over_row_chunks(out, n_in, chunk)
     return math.fsum(n for n, _ in sums), math.fsum(s for _, s in sums)
@@ -309,7 +378,8 @@ def quantize_to_intweight(
     name: str | None = None,
 ) -> IntWeight:
     """Round-to-nearest in one call: w float [out, in] → IntWeight (codes uint8 [out, in],
-    scale float32 / zero int32 [rows, G]). `dtype` records the source precision; `name` is used in
+    scale float32 / zero int32 [rows, G], G = ceil(in/group_size) with a ragged last group when
+    group_size does not divide in). `dtype` records the source precision; `name` is used in
     error messages."""
     granularity = Granularity(granularity)
     gs = resolve_group_size(w.shape[1], granularity, group_size, name) if w.dim() == 2 else group_size
@@ -326,28 +396,45 @@ def _rtn_rows(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """choose_qparams + quantize_affine for per-group / per-channel grids in one pass over w: each
     row chunk gets its ranges, qparams and codes while it is in cache. Per group these are the
-    same operations as the two-step path, so scale, zero and codes are bit-identical."""
+    same operations as the two-step path, so scale, zero and codes are bit-identical. A ragged
+    last group (gs not dividing in) is handled in the same chunk from its own columns."""
     out, n_in = w.shape
-    groups = n_in // gs
+    groups, tail = n_in // gs, n_in % gs
+    main = groups * gs
     qmax = 2**bits - 1
-    scale = torch.empty(out, groups, dtype=torch.float32)
-    zero = torch.empty(out, groups, dtype=torch.int32)
+    scale = torch.empty(out, groups + (1 if tail else 0), dtype=torch.float32)
+    zero = torch.empty(out, groups + (1 if tail else 0), dtype=torch.int32)
     codes = torch.empty(out, n_in, dtype=torch.uint8)
 
-    def chunk(r0: int, r1: int, scratch: torch.Tensor) -> bool:
-        x = w[r0:r1].reshape(r1 - r0, groups, gs)
+    def grid(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
         lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
         finite = bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())
         # bf16/fp16 → float32 is exact and monotonic, so converting the extremes after the
         # reduction equals reducing a float32 copy; the qparams must be computed in float32.
         lo, hi = lo.float(), hi.float()
         s, z = _qparams_from_range(lo.clamp_(max=0), hi.clamp_(min=0), bits, sym)
-        scale[r0:r1] = s.squeeze(-1)
-        zero[r0:r1] = z.squeeze(-1)
-        buf = scratch[: (r1 - r0) * n_in].view(r1 - r0, groups, gs)
+        return s, z, finite
+
+    def chunk(r0: int, r1: int, scratch: torch.Tensor) -> bool:
+        rows = r1 - r0
+        x = (w[r0:r1] if not tail else w[r0:r1, :main]).reshape(rows, groups, gs)
+        s, z, finite = grid(x)
+        scale[r0:r1, :groups] = s.squeeze(-1)
+        zero[r0:r1, :groups] = z.squeeze(-1)
+        buf = scratch[: rows * main].view(rows, groups, gs)
         torch.div(x, s, out=buf)
         buf.round_().add_(z.float()).clamp_(0, qmax)
-        codes[r0:r1].view(r1 - r0, groups, gs).copy_(buf)
+        (codes[r0:r1] if not tail else codes[r0:r1, :main]).view(rows, groups, gs).copy_(buf)
+        if tail:
+            xt = w[r0:r1, main:]
+            st, zt, finite_t = grid(xt)
+            scale[r0:r1, groups] = st.squeeze(-1)
+            zero[r0:r1, groups] = zt.squeeze(-1)
+            tbuf = scratch[rows * main: rows * n_in].view(rows, tail)
+            torch.div(xt, st, out=tbuf)
+            tbuf.round_().add_(zt.float()).clamp_(0, qmax)
+            codes[r0:r1, main:].copy_(tbuf)
+            finite = finite and finite_t
         return finite
 
     if not all(_over_row_chunks(out, n_in, chunk)):

@@ -13,6 +13,8 @@ from core.export.base import (
     detect_exporter,
     exporters_accepting,
     get_exporter,
+    ragged_linears,
+    ragged_refusal,
     register_exporter,
 )
 
@@ -22,5 +24,7 @@ __all__ = [
     "detect_exporter",
     "exporters_accepting",
     "get_exporter",
+    "ragged_linears",
+    "ragged_refusal",
     "register_exporter",
 ]

@@ -1,6 +1,7 @@
 """AWQ GEMM checkpoint layout (AutoAWQ; read by transformers with gptqmodel, vLLM).
 
-Per quantized linear (4-bit only; in/out = in/out features, G = in / group_size):
+Per quantized linear (4-bit only; in/out = in/out features, G = in / group_size, which must be
+whole: AutoAWQ and vLLM refuse a ragged last group, so this layout refuses it too):
 
 * ``qweight`` int32 [in, out/8]: codes packed along the *output* dimension, eight per word in
   AWQ's interleaved order — bit slot j (bits 4j…4j+3) of word c holds output column
@@ -20,7 +21,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from core.config import Granularity
-from core.export.base import json_sidecar, read_packed, register_exporter
+from core.export.base import json_sidecar, ragged_refusal, read_packed, register_exporter
 from core.primitives import pack_int32, unpack_int32
 from core.qtensors import IntWeight, QuantizedWeight
 
@@ -31,6 +32,8 @@ AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 class AWQExporter:
     name: ClassVar[str] = "awq"
     loaders: ClassVar[str] = "transformers (with gptqmodel), vLLM, AutoAWQ"
+    # AutoAWQ's WQLinear_GEMM asserts in_features % group_size == 0 and vLLM's AWQ layer raises.
+    ragged_reason: ClassVar[str | None] = "AutoAWQ's GEMM layout and vLLM refuse such checkpoints"
 
     def accepts(self, method_config: Any) -> str | None:
         method = method_config.method
@@ -53,6 +56,8 @@ class AWQExporter:
             raise ValueError(f"{name}: act-order g_idx cannot be stored in the AWQ layout; use --export gptq")
         if out_f % 8:
             raise ValueError(f"{name}: out_features = {out_f} is not a multiple of 8, which AWQ packing needs")
+        if q.scale.shape[1] > 1 and in_f % q.group_size:
+            raise ValueError(ragged_refusal(self.name, name, in_f, q.group_size))
         scale = q.scale.float().expand(out_f, -1)
         zero = q.zero.expand(out_f, -1)
         return {

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 import json
-from typing import Any, Callable, ClassVar, Protocol
+from typing import Any, Callable, ClassVar, Mapping, Protocol
 
 import torch
 
@@ -13,6 +13,10 @@ from core.qtensors import QuantizedWeight
 class Exporter(Protocol):
     name: ClassVar[str]  # e.g. "compressed-tensors"
     loaders: ClassVar[str]  # who can run it, for messages and docs: "transformers, vLLM"
+    # Optional: why the layout cannot store a ragged last group (group_size not dividing a
+    # linear's in_features), e.g. "transformers and vLLM refuse such checkpoints"; absent or None
+    # when it can (GPTQ: ceil(in/group_size) scale rows).
+    ragged_reason: ClassVar[str | None]
 
     def accepts(self, method_config: Any) -> str | None:
         """None if this layout can represent the method's output, else the reason it cannot."""
@@ -97,8 +101,7 @@ def exporters_accepting(method_config: Any) -> list[str]:
     return sorted(n for n, cls in _REGISTRY.items() if cls().accepts(method_config) is None)
 
 
-def default_export(method_config: Any) -> str:
-    """The layout a method's output is written in when the user names none."""
+def _default_layout(method_config: Any) -> str:
     method = method_config.method
     if method in ("nf4", "fp4", "llm_int8"):
         return "bitsandbytes"
@@ -109,6 +112,63 @@ def default_export(method_config: Any) -> str:
         # groups) column-to-group map only fits the GPTQ layout.
         return "gptq"
     return "compressed-tensors"
+
+
+def default_export(method_config: Any, in_features: Mapping[str, int] | None = None) -> str:
+    """The layout a method's output is written in when the user names none.
+
+    `in_features` ({linear name: in_features} of the linears to quantize), when given, lets the
+    choice see the model: a group size that leaves a ragged last group in some linear moves a
+    default that cannot store it (compressed-tensors, AWQ) to the GPTQ layout, which can."""
+    name = _default_layout(method_config)
+    if in_features and ragged_linears(method_config, in_features) and ragged_refusal_reason(name) is not None:
+        if get_exporter("gptq").accepts(method_config) is None:
+            return "gptq"
+    return name
+
+
+def ragged_linears(method_config: Any, in_features: Mapping[str, int]) -> dict[str, int]:
+    """{linear: in_features} of the linears whose last group is ragged under the method's grid
+    (per-group granularity with a group size that does not divide in_features)."""
+    from core.config import Granularity
+    from core.primitives import ragged_tail
+
+    granularity = getattr(method_config, "granularity", None)
+    group_size = getattr(method_config, "group_size", None)
+    if granularity is None or group_size is None or Granularity(granularity) is not Granularity.GROUP:
+        return {}
+    return {n: w for n, w in in_features.items() if ragged_tail(int(w), int(group_size))}
+
+
+def ragged_refusal_reason(export_name: str) -> str | None:
+    """Why layout `export_name` cannot store a ragged last group, or None when it can."""
+    try:
+        cls = type(get_exporter(export_name))
+    except (ValueError, ModuleNotFoundError):
+        return None
+    return getattr(cls, "ragged_reason", None)
+
+
+def ragged_refusal(
+    export_name: str, linear: str, in_features: int, group_size: int, widths: Any = (), *,
+    flag: str = "--export", requantize: bool = False, gptq_ok: bool = True,
+) -> str | None:
+    """The one-line refusal for writing `linear` (whose last group of `group_size` columns is
+    ragged) in layout `export_name`, or None when the layout stores ragged groups. The fix names
+    the GPTQ layout (`flag` gptq, when `gptq_ok`) and group sizes that divide every width in
+    `widths` (re-quantizing first when `requantize`)."""
+    from core.primitives import common_divisor_hint
+
+    reason = ragged_refusal_reason(export_name)
+    if reason is None:
+        return None
+    hint = common_divisor_hint(set(widths) or {in_features}, group_size)
+    fixes = [f"{flag} gptq"] if gptq_ok else []
+    if hint:
+        fixes.append(("quantize again with " if requantize else "") + f"--group-size {hint}")
+    fix = ", or ".join(fixes) if fixes else "--group-size -1 (per-channel)"
+    return (f"{export_name} needs group_size to divide in_features ({in_features} % {group_size} ≠ 0 in "
+            f"{linear}; {reason}): use {fix}")
 
 
 def detect_exporter(quantization_config: dict) -> Exporter:

@@ -29,7 +29,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from core.config import Granularity
-from core.export.base import register_exporter
+from core.export.base import ragged_refusal, register_exporter
 from core.primitives import pack_codes, unpack_codes
 from core.qtensors import ActQuant, Fp8Weight, IntWeight, QuantizedWeight
 
@@ -97,6 +97,9 @@ def _int_args(bits: int, sym: bool, granularity: Granularity, group_size: int) -
 class CompressedTensorsExporter:
     name: ClassVar[str] = "compressed-tensors"
     loaders: ClassVar[str] = "transformers, vLLM"
+    # compressed-tensors 0.20 refuses at load time ("tensor column shape must be divisble by the
+    # given group_size"), and vLLM's kernels need whole groups.
+    ragged_reason: ClassVar[str | None] = "transformers and vLLM refuse such checkpoints"
 
     def accepts(self, method_config: Any) -> str | None:
         method = method_config.method
@@ -137,6 +140,8 @@ class CompressedTensorsExporter:
         if _has_act_order(q):
             raise ValueError(f"{name}: act-order g_idx cannot be stored in compressed-tensors; use --export gptq")
         strategy = _weight_strategy(q)
+        if strategy == "group" and q.shape[1] % q.group_size:
+            raise ValueError(ragged_refusal(self.name, name, q.shape[1], q.group_size))
         scale = q.scale.reshape(1) if strategy == "tensor" else q.scale
         scale = scale.to(q.dtype).clone()  # tensors handed to safetensors must not share memory
         if q.act is not None:

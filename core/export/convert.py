@@ -23,7 +23,7 @@ from core.config import (
     SmoothQuantConfig,
 )
 from core.events import CancelToken, Progress, Sink, StageStarted, check_cancel, null_sink
-from core.export.base import Exporter, detect_exporter, exporters_accepting, get_exporter
+from core.export.base import Exporter, detect_exporter, exporters_accepting, get_exporter, ragged_refusal
 from core.model_io import ModelSource, open_model
 from core.output import OutputWriter, output_config, package_versions
 from core.qtensors import FourBitWeight, Fp8Weight, Int8RowWeight, IntWeight, QuantizedWeight
@@ -65,6 +65,23 @@ def refuse_unless_accepted(exporter: Exporter, method_config: Any) -> None:
     can = exporters_accepting(method_config)
     alternatives = f"formats that can: {', '.join(can)}" if can else "no export format can store it"
     raise ValueError(f"cannot export {method_config.method} to {exporter.name}: {reason} ({alternatives})")
+
+
+def refuse_ragged(exporter: Exporter, weights: dict[str, QuantizedWeight]) -> None:
+    """Fail when `exporter` cannot store the ragged last group (group size not dividing
+    in_features) of one of `weights`, an already-quantized layer: the fix is another layout or
+    quantizing again with a group size that divides every width."""
+    ragged = {m: q for m, q in weights.items()
+              if isinstance(q, IntWeight) and q.scale.shape[1] > 1 and q.shape[1] % q.group_size}
+    if not ragged:
+        return
+    module, q = next(iter(ragged.items()))
+    widths = {w.shape[1] for w in weights.values() if isinstance(w, IntWeight)}
+    gptq_ok = get_exporter("gptq").accepts(method_config_for(q)) is None
+    msg = ragged_refusal(exporter.name, module, q.shape[1], q.group_size, widths, flag="--format",
+                         requantize=True, gptq_ok=gptq_ok)
+    if msg is not None:
+        raise ValueError(msg)
 
 
 def _module_of(tensor_name: str) -> str:
@@ -133,6 +150,7 @@ class _Stored:
             # Judged on the first quantized weight, before anything of it is written.
             self.method_config = method_config_for(q)
             refuse_unless_accepted(self.exporter, self.method_config)
+        refuse_ragged(self.exporter, {module: q})
         if getattr(q, "dtype", None) is not None:
             self.dtype = q.dtype
         tensors.update(self.exporter.tensors(module, q))
@@ -220,6 +238,7 @@ def relayout(
         if weights:
             method_config = method_config_for(next(iter(weights.values())))
             refuse_unless_accepted(exporter, method_config)
+            refuse_ragged(exporter, weights)
             break
     stored = _Stored(exporter, method_config, src.source_dtype)
     ignored = [n for n in (src.quantization_config.get("ignore") or []) if not n.startswith("re:")]

@@ -9,6 +9,10 @@ Per quantized linear (in = in_features, out = out_features, b = bits, G = groups
 * ``scales`` float16 [G, out].
 * ``g_idx`` int32 [in]: the group of each input column (act-order permutes it).
 
+G = ceil(in / group_size): when group_size does not divide in_features the last group is ragged
+(in % group_size columns) and g_idx = column // group_size still names it, as the reference GPTQ
+code and AutoGPTQ/GPTQModel's torch kernels lay it out.
+
 Zero points: the original ("v1", ``checkpoint_format: gptq``) layout stores ``zero − 1`` and the
 kernels add 1 back. A zero of 0, which asymmetric grids produce when a group has no negative
 weight, cannot be stored that way (it wraps to 2^b − 1), so symmetric weights are written as v1 —
@@ -45,6 +49,9 @@ def _pack_columns(codes: torch.Tensor, bits: int) -> torch.Tensor:
 class GPTQExporter:
     name: ClassVar[str] = "gptq"
     loaders: ClassVar[str] = "transformers (with gptqmodel), vLLM, GPTQModel"
+    # Stores ceil(in/group_size) scale/zero rows and g_idx = column // group_size, as AutoGPTQ's
+    # and GPTQModel's torch kernels allocate them (vLLM's GPTQ kernels refuse such in_features).
+    ragged_reason: ClassVar[str | None] = None
 
     def accepts(self, method_config: Any) -> str | None:
         method = method_config.method

@@ -7,7 +7,8 @@ therefore shows up as a mismatch instead of cancelling out.
 
 GPTQ: bit i·b of column o's stream in `qweight` [in·b/32, out] (words little end first) starts
 input row i's code; `qzeros` [G, out·b/32] likewise along the output; v1 stores zero − 1.
-W[o, i] = (code − zero[g_idx[i], o]) · scales[g_idx[i], o].
+W[o, i] = (code − zero[g_idx[i], o]) · scales[g_idx[i], o], G = ceil(in / group_size) (a ragged
+last group has in % group_size columns).
 
 AWQ GEMM: word c of row i in `qweight` [in, out/8] holds output columns 8c + k at nibble
 [0, 4, 1, 5, 2, 6, 3, 7][k]; `qzeros` alike; W[o, i] = (code − zero) · scale of group i // gs.
@@ -35,8 +36,9 @@ def _bitstream_codes(words: np.ndarray, bits: int, n: int) -> np.ndarray:
 
 
 def gptq_dequantize(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx: np.ndarray | None,
-                    bits: int, checkpoint_format: str) -> np.ndarray:
-    """float32 [out, in] from one GPTQ module's tensors."""
+                    bits: int, checkpoint_format: str, group_size: int | None = None) -> np.ndarray:
+    """float32 [out, in] from one GPTQ module's tensors. Without g_idx, column i belongs to group
+    i // group_size (config.json's group_size; the last group may be ragged, G = ceil(in / gs))."""
     n_in = qweight.shape[0] * 32 // bits
     out = scales.shape[1]
     codes = _bitstream_codes(qweight.view(np.uint32), bits, n_in)  # [in, out]
@@ -44,7 +46,8 @@ def gptq_dequantize(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray,
     if checkpoint_format != "gptq_v2":
         zeros = zeros + 1
     if g_idx is None:
-        g_idx = np.arange(n_in) // (n_in // scales.shape[0])
+        gs = group_size if group_size is not None and group_size > 0 else n_in // scales.shape[0]
+        g_idx = np.arange(n_in) // gs
     g = g_idx.astype(np.int64)
     w = (codes - zeros[g]).astype(np.float32) * scales[g].astype(np.float32)
     return w.T.copy()
@@ -81,7 +84,8 @@ def reference_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     for m in modules:
         if method == "gptq":
             w = gptq_dequantize(raw[f"{m}.qweight"], raw[f"{m}.qzeros"], raw[f"{m}.scales"], raw.get(f"{m}.g_idx"),
-                                int(qc["bits"]), str(qc.get("checkpoint_format", "gptq")))
+                                int(qc["bits"]), str(qc.get("checkpoint_format", "gptq")),
+                                int(qc.get("group_size", -1)))
         elif method == "awq":
             w = awq_dequantize(raw[f"{m}.qweight"], raw[f"{m}.qzeros"], raw[f"{m}.scales"])
         else:

@@ -201,21 +201,34 @@ def _block_error(block: nn.Module, approx: dict[str, torch.Tensor], layer: _Laye
 def _clip_and_quantize(w: torch.Tensor, gram: torch.Tensor, cfg: AWQConfig, gs: int, clip: bool,
                        dtype: torch.dtype) -> IntWeight:
     """Per group, the clip ratio of CLIP_RATIOS whose rounding error has the smallest output
-    error on the calibration inputs ((w − ŵ)ᵀ X_gᵀX_g (w − ŵ) per row and group)."""
+    error on the calibration inputs ((w − ŵ)ᵀ X_gᵀX_g (w − ŵ) per row and group). A ragged last
+    group (gs not dividing in_features) is searched the same way over its own columns."""
     out_f, n_in = w.shape
     scale, zero = choose_qparams(w, cfg.bits, cfg.sym, cfg.granularity, gs)
     if clip and cfg.granularity is not Granularity.TENSOR:
-        n_groups = n_in // gs
-        blocks = torch.stack([gram[g * gs:(g + 1) * gs, g * gs:(g + 1) * gs] for g in range(n_groups)])
-        wg = w.view(out_f, n_groups, gs)
+        full, tail = n_in // gs, n_in % gs
+        main = full * gs
+        blocks = torch.stack([gram[g * gs:(g + 1) * gs, g * gs:(g + 1) * gs] for g in range(full)])
+        wg = w[:, :main].view(out_f, full, gs) if tail else w.view(out_f, full, gs)
         lo = wg.amin(dim=-1).clamp(max=0)
         hi = wg.amax(dim=-1).clamp(min=0)
-        best = torch.full((out_f, n_groups), math.inf)
+        if tail:
+            wt, gram_t = w[:, main:], gram[main:, main:]
+            lo = torch.cat([lo, wt.amin(dim=-1, keepdim=True).clamp(max=0)], dim=1)
+            hi = torch.cat([hi, wt.amax(dim=-1, keepdim=True).clamp(min=0)], dim=1)
+        best = torch.full((out_f, full + (1 if tail else 0)), math.inf)
         for ratio in CLIP_RATIOS:
-            clipped = torch.maximum(torch.minimum(wg, (hi * ratio)[..., None]), (lo * ratio)[..., None])
-            s, z = choose_qparams(clipped.reshape(out_f, n_in), cfg.bits, cfg.sym, cfg.granularity, gs)
-            d = (w - dequantize_affine(quantize_affine(w, s, z, cfg.bits, gs), s, z, gs)).view(out_f, n_groups, gs)
-            err = (torch.einsum("ogi,gij->ogj", d, blocks) * d).sum(dim=-1)
+            lo_r, hi_r = lo * ratio, hi * ratio
+            clipped = torch.maximum(torch.minimum(wg, hi_r[:, :full, None]), lo_r[:, :full, None]).reshape(out_f, main)
+            if tail:
+                clipped = torch.cat([clipped, torch.maximum(torch.minimum(wt, hi_r[:, full:]), lo_r[:, full:])], dim=1)
+            s, z = choose_qparams(clipped, cfg.bits, cfg.sym, cfg.granularity, gs)
+            d = w - dequantize_affine(quantize_affine(w, s, z, cfg.bits, gs), s, z, gs)
+            err = (torch.einsum("ogi,gij->ogj", d[:, :main].view(out_f, full, gs), blocks)
+                   * d[:, :main].view(out_f, full, gs)).sum(dim=-1)
+            if tail:
+                dt = d[:, main:]
+                err = torch.cat([err, ((dt @ gram_t) * dt).sum(dim=-1, keepdim=True)], dim=1)
             better = err < best
             best = torch.where(better, err, best)
             scale = torch.where(better, s, scale)
@@ -254,9 +267,6 @@ def search_and_fold(ctx: LayerContext, cfg: AWQConfig) -> tuple[list[InputGroup]
         raise ValueError("AWQ needs calibration inputs; pass --calib builtin or a text file")
     layer = _Layer(ctx, cfg)
     groups = layer_groups(ctx)
-    for g in groups:
-        for n in g.names:
-            layer.group_size(n)  # fail on a bad group size before any work
     stats = _collect(ctx, groups)
     metrics = ctx.extra.setdefault("metrics", {})
     for gi, g in enumerate(groups):

@@ -28,7 +28,7 @@ from core.events import CancelToken, Log, Progress, Sink, check_cancel, null_sin
 from core.methods.base import LayerContext, register
 from core.methods.capture import capture_group_inputs, input_groups
 from core.methods.rtn import source_dtype
-from core.primitives import choose_qparams, resolve_group_size
+from core.primitives import choose_qparams, num_groups, resolve_group_size
 from core.qtensors import IntWeight
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,9 @@ def gptq_quantize(
     are processed by decreasing diag(H); with static groups the group grids come from the
     unpermuted weight so groups stay contiguous in the original order (g_idx stays trivial and
     is omitted); without static groups the i-th processed block of `group_size` columns forms
-    group i and `g_idx` maps each original column to its group.
+    group i and `g_idx` maps each original column to its group. When group_size does not divide
+    in_features there are ceil(in/group_size) groups and the last one is ragged: its grid is
+    fitted on its own (fewer) columns, as in the reference implementation.
     """
     out_f, n_in = W.shape
     bits, sym = config.bits, config.sym
@@ -160,7 +162,7 @@ def gptq_quantize(
     elif config.granularity is Granularity.CHANNEL:
         tensor_params = _params(W, bits, sym)
 
-    n_groups = n_in // gs
+    n_groups = num_groups(n_in, gs)  # ceil: the last group is ragged when gs does not divide n_in
     static: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     if grouped and config.static_groups:
         static = [_params(W[:, g * gs:(g + 1) * gs], bits, sym) for g in range(n_groups)]

@@ -138,12 +138,16 @@ def test_existing_output_is_refused_unless_overwrite(tiny_llama_dir: Path, tmp_p
     assert not (out / "mine.txt").exists() and (out / "config.json").is_file()
 
 
-def test_group_size_that_does_not_divide_is_refused_with_divisors(tiny_llama_dir: Path, tmp_path: Path,
-                                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    msg = _quantize_fails(tiny_llama_dir, tmp_path, "does not divide in_features", RTNConfig(group_size=48))
-    assert "refuses rather than pads" in msg and "-1" in msg and "model.layers.0." in msg
+def test_ragged_group_size_is_refused_by_compressed_tensors_with_the_fix(tiny_llama_dir: Path, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    # 128 % 48 = 32: the last group would be ragged, which compressed-tensors cannot store (the
+    # default layout moves to gptq; naming compressed-tensors explicitly is refused up front).
+    msg = _quantize_fails(tiny_llama_dir, tmp_path, "compressed-tensors needs group_size to divide in_features",
+                          RTNConfig(group_size=48), export="compressed-tensors")
+    assert "% 48 ≠ 0 in model.layers.0." in msg and "use --export gptq, or --group-size 16/32/64" in msg
     _cli_fails(["quantize", "--model", str(tiny_llama_dir), "--method", "rtn", "--group-size", "48",
-                "--out", str(tmp_path / "out")], capsys, "does not divide")
+                "--export", "compressed-tensors", "--out", str(tmp_path / "out")], capsys,
+               "needs group_size to divide in_features")
 
 
 def test_bits_out_of_range_are_refused(tiny_llama_dir: Path, tmp_path: Path,

@@ -141,9 +141,9 @@ def test_nan_inputs_raise_clear_error():
         gptq_quantize(torch.randn(4, 16), H, GPTQConfig(bits=4, group_size=8))
 
 
-def test_group_size_not_dividing_in_features_names_divisors():
-    with pytest.raises(ValueError, match="does not divide in_features 200 of layer.x"):
-        gptq_quantize(torch.randn(4, 200), torch.eye(200), GPTQConfig(group_size=128), name="layer.x")
+def test_group_size_not_dividing_in_features_gives_a_ragged_last_group():
+    res = gptq_quantize(torch.randn(4, 200), torch.eye(200), GPTQConfig(group_size=128), name="layer.x")
+    assert res.weight.group_size == 128 and tuple(res.weight.scale.shape) == (4, 2)
 
 
 def test_cancellation_between_blocks():
