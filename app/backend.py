@@ -200,12 +200,18 @@ def is_verify_mismatch(exc: object) -> bool:
     return isinstance(exc, VerifyError)
 
 
-def exports_for(method_config: Any) -> list[str]:
-    """Export formats that can represent this method's output (others are not offered)."""
-    from core.export import default_export, exporters_accepting
+def exports_for(method_config: Any, source: Any = None) -> list[str]:
+    """Export formats that can represent this method's output (others are not offered). With the
+    model `source`, layouts that cannot store the ragged last groups its widths give are left out."""
+    from core.export import default_export, exporters_accepting, ragged_linears, ragged_refusal
 
+    widths = linear_in_features(source) if source is not None else {}
     names = list(exporters_accepting(method_config))
-    default = default_export(method_config)
+    ragged = ragged_linears(method_config, widths)
+    if ragged:
+        module, width = next(iter(ragged.items()))
+        names = [n for n in names if ragged_refusal(n, module, width, int(method_config.group_size)) is None]
+    default = default_export(method_config, widths)
     if default not in names:
         # The default layout is the engine's own; it is always writable even when the exporter
         # module for another layout is absent.
@@ -213,10 +219,38 @@ def exports_for(method_config: Any) -> list[str]:
     return names
 
 
-def default_export_for(method_config: Any) -> str:
+def default_export_for(method_config: Any, source: Any = None) -> str:
+    """The layout the engine writes when none is chosen (it sees the model's widths when given)."""
     from core.export import default_export
 
-    return default_export(method_config)
+    return default_export(method_config, linear_in_features(source) if source is not None else None)
+
+
+def linear_in_features(source: Any) -> dict[str, int]:
+    """{decoder linear: in_features} from the source's tensor headers ({} without weights)."""
+    tensors = getattr(source, "tensors", {}) or {}
+    return {n[: -len(".weight")]: int(tensors[n].shape[1]) for n in linear_weight_names(source)}
+
+
+def ragged_group_note(source: Any, method_config: Any) -> str:
+    """One line for the Quantize view when the group size leaves a ragged last group in some
+    linear (and which layout that means), else ""."""
+    from core.export import default_export, ragged_linears, ragged_refusal
+    from core.primitives import common_divisor_hint
+
+    widths = linear_in_features(source) if source is not None else {}
+    ragged = ragged_linears(method_config, widths)
+    if not ragged:
+        return ""
+    gs = int(method_config.group_size)
+    module, width = next(iter(ragged.items()))
+    tails = ", ".join(f"{w} % {gs} = {w % gs}" for w in sorted(set(ragged.values())))
+    note = f"Last group ragged in {len(ragged)} linears ({tails} columns): "
+    default = default_export(method_config, widths)
+    if ragged_refusal(default, module, width, gs) is None:
+        return note + f"exported as {default} (compressed-tensors and awq need whole groups)"
+    hint = common_divisor_hint(set(widths.values()), gs, sep=", ")
+    return note + f"no layout for these settings stores that; use group size {hint or -1}"
 
 
 def quantize_memory(source: Any, method_config: Any, calib: Any) -> dict[str, Any]:
@@ -243,10 +277,11 @@ def quantize_memory_text(source: Any, method_config: Any, calib: Any) -> tuple[s
 
 
 def valid_group_sizes(source: Any, candidates: tuple[int, ...] = (32, 64, 96, 128, 192, 256)) -> list[int]:
-    """Group sizes that divide the input width of every decoder linear (the engine refuses
-    groups that would need padding)."""
-    widths = {int(getattr(source, "tensors")[n].shape[1]) for n in linear_weight_names(source)}
-    return [g for g in candidates if all(w % g == 0 for w in widths)]
+    """Group sizes to offer for this model: every candidate narrower than its widest decoder
+    linear (a larger one is per-channel everywhere). One that does not divide a linear's width
+    leaves a ragged last group there (see `ragged_group_note`)."""
+    widths = set(linear_in_features(source).values())
+    return [g for g in candidates if not widths or g < max(widths)]
 
 
 # ---------------------------------------------------------------- evaluation

@@ -156,6 +156,11 @@ class QuantizeView(QWidget):
         ):
             self.settings_form.addRow(label, widget)
             self._rows[key] = widget
+        # Below the group size: shown when it leaves a ragged last group in the open model.
+        self.group_note = QLabel("")
+        self.group_note.setWordWrap(True)
+        self.settings_form.insertRow(self.settings_form.getWidgetPosition(self.group_size)[0] + 1, "", self.group_note)
+        self.settings_form.setRowVisible(self.group_note, False)
 
         # ---------------- calibration
         self.calib_source = QComboBox()
@@ -510,8 +515,9 @@ class QuantizeView(QWidget):
         self._settings_changed()
 
     def _offer_group_sizes(self, sizes: list[int]) -> None:
-        """Offer only groups that divide every linear's input width (SmolLM2's 576 rules out
-        128), keeping the current choice when it still fits, else the largest up to 128."""
+        """Offer the group sizes that fit the model (one that does not divide a linear's width,
+        such as 128 on SmolLM2's 576, leaves a ragged last group: see `group_note`), keeping the
+        current choice when it still fits, else the largest up to 128."""
         if not sizes:
             return
         current = self.group_size.currentText()
@@ -545,8 +551,14 @@ class QuantizeView(QWidget):
 
     def _refresh_exports(self, config: Any) -> None:
         current = self.export.currentData()
-        names = backend.exports_for(config)
-        default = backend.default_export_for(config)
+        model = self.state.model
+        source = model.source if model is not None and model.has_weights else None
+        names = backend.exports_for(config, source)
+        default = backend.default_export_for(config, source)
+        note = backend.ragged_group_note(source, config) if source is not None else ""
+        self.group_note.setText(note)
+        self.group_size.setToolTip(note)
+        self.settings_form.setRowVisible(self.group_note, bool(note))
         self.export.blockSignals(True)
         self.export.clear()
         for name in names:

@@ -40,7 +40,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--model", required=True, type=Path, help="model folder with config.json and *.safetensors")
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--out", required=True, type=Path, help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--export", default=None, help="checkpoint layout (default: the method's usual layout)")
+    p.add_argument("--export", default=None, help="checkpoint layout (default: the method's usual layout; gptq when "
+                   "the group size leaves a ragged last group in some linear)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.add_argument("--resume", action="store_true",
