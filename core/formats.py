@@ -7,6 +7,7 @@ Names are stable identifiers (lower-case); `label` is for people.
 
 Bits per weight (bpw) for a weight matrix with rows of `in_features` columns:
     bpw = bits + (scale_bits + zero_bits) / group            (group formats, bitsandbytes, MX)
+    bpw = bits + (scale_bits + zero_bits) · ceil(in/group) / in  (integer groups with a ragged last group)
     bpw = bits + (scale_bits + zero_bits) / in_features      (per-output-row formats: group_size None)
     bpw = 8 · block_bytes / block_elements                   (GGUF block types)
 NF4 with double quantization stores 8-bit absmax codes per 64-block plus one fp32 scale per 256
@@ -71,7 +72,13 @@ class Format:
         if self.group_size == 0:
             return float(self.bits)
         group = self.group_size if self.group_size is not None else (in_features or 4096)
-        return self.bits + (self.scale_bits + self.zero_bits + self.extra_bits_per_group) / group
+        meta = self.scale_bits + self.zero_bits + self.extra_bits_per_group
+        if self.kind is Kind.INT and in_features and in_features % group:
+            # Integer groups run along each row: a group size that does not divide the row
+            # leaves a ragged last group, so a row holds ceil(in / group) scales (fewer columns
+            # share the last one). NF4/MX blocks are amortised over the flat tensor instead.
+            return self.bits + meta * -(-in_features // group) / in_features
+        return self.bits + meta / group
 
     @property
     def bpw(self) -> float:
