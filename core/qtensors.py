@@ -33,7 +33,9 @@ class IntWeight:
     """Affine integer weight: x̂ = scale[r, g] · (codes[r, c] − zero[r, g]), g = g_idx[c].
 
     codes: uint8 [out, in], values in [0, 2^bits − 1] (symmetric uses zero = 2^(bits−1)).
-    scale: float32 [out, n_groups]; per-tensor is [1, 1], per-channel [out, 1].
+    scale: float32 [out, n_groups]; per-tensor is [1, 1], per-channel [out, 1]; per-group
+           n_groups = ceil(in / group_size) (the last group is ragged when group_size does not
+           divide in: it holds in % group_size columns).
     zero:  int32, same shape as scale.
     group_size: input columns per group (in_features for per-channel and per-tensor).
     g_idx: int32 [in] group of each input column when act-order permuted them, else None.
@@ -62,12 +64,22 @@ class IntWeight:
         return torch.arange(n_in) // self.group_size
 
     def dequantize(self) -> torch.Tensor:
-        out = self.codes.shape[0]
-        gi = self.group_index()
+        out, n_in = self.codes.shape
         scale = self.scale.float().expand(out, -1)
         zero = self.zero.float().expand(out, -1)
         if scale.shape[1] == 1:
             return (self.codes.float() - zero) * scale
+        gs, groups = self.group_size, scale.shape[1]
+        if self.g_idx is None and 0 < gs < n_in and n_in % gs and groups == -(-n_in // gs):
+            # Ragged last group: the whole groups through a [out, G−1, gs] view and the tail
+            # columns on their own (the same arithmetic as the gather below, without it).
+            full, main = groups - 1, (groups - 1) * gs
+            w = torch.empty(out, n_in, dtype=torch.float32)
+            body = self.codes[:, :main].reshape(out, full, gs).float().sub_(zero[:, :full, None])
+            torch.mul(body, scale[:, :full, None], out=w[:, :main].view(out, full, gs))
+            torch.mul(self.codes[:, main:].float().sub_(zero[:, full:]), scale[:, full:], out=w[:, main:])
+            return w
+        gi = self.group_index()
         return (self.codes.float() - zero[:, gi]) * scale[:, gi]
 
 
