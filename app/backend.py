@@ -2,7 +2,10 @@
 modules directly, so the app's view of the engine, planner and catalogs is written down once.
 
 Everything here is plain Python (no Qt) and runs either on the UI thread (fast calls such as
-reading headers or planning) or inside a `TaskRunner` (anything that touches weights).
+reading headers or planning) or inside a `TaskRunner` (anything that touches weights). The jobs
+that load models with transformers or run for minutes (quantize, evaluate, verify) go one step
+further: their worker function starts a child process (app.jobproc) and relays its events, so
+that the job's GIL is never the UI thread's.
 """
 from __future__ import annotations
 
@@ -169,10 +172,28 @@ def custom_gpu(memory_gib: float, bandwidth_gbs: float) -> GpuOption:
 # ---------------------------------------------------------------- quantization
 
 def run_quantization(*, job: Any, sink: Sink = null_sink, cancel: CancelToken | None = None) -> Any:
-    """Worker function: the engine's layer-by-layer loop (see core.engine)."""
+    """Worker function: the engine's layer-by-layer loop (see core.engine), in a child process
+    (app.jobproc) so that the job's GIL never stalls the UI thread. Returns the QuantResult."""
+    from app.jobproc import run_in_child
+
+    return run_in_child(quantize_here, {"job": job}, sink=sink, cancel=cancel,
+                        on_kill=lambda: _remove_partial(job.out))
+
+
+def quantize_here(*, job: Any, sink: Sink = null_sink, cancel: CancelToken | None = None) -> Any:
+    """The engine's loop in this process (what the job's child process runs)."""
     from core.engine import run_quantization as _run
 
     return _run(job, sink=sink, cancel=cancel)
+
+
+def _remove_partial(out: str | Path) -> None:
+    """The job's temporary output folder, which a killed job process could not remove itself."""
+    import shutil
+
+    from core.output import partial_dir
+
+    shutil.rmtree(partial_dir(Path(out).expanduser()), ignore_errors=True)
 
 
 def find_interrupted(out: str | Path) -> Any | None:
@@ -185,8 +206,16 @@ def find_interrupted(out: str | Path) -> Any | None:
 
 def verify_export(*, path: str | Path, sink: Sink = null_sink, cancel: CancelToken | None = None) -> Any:
     """Worker function: load the written export with its real consumer and compare its logits
-    and perplexity with Quantscope's model (core.export.verify). Returns the VerifyReport;
-    raises VerifyError (a ValueError) when they differ beyond the tolerance."""
+    and perplexity with Quantscope's model (core.export.verify), in a child process as the
+    quantization runs (app.jobproc). Returns the VerifyReport; raises VerifyError (a ValueError)
+    when they differ beyond the tolerance."""
+    from app.jobproc import run_in_child
+
+    return run_in_child(verify_export_here, {"path": path}, sink=sink, cancel=cancel)
+
+
+def verify_export_here(*, path: str | Path, sink: Sink = null_sink, cancel: CancelToken | None = None) -> Any:
+    """`verify_export` in this process (what its child process runs)."""
     from core.export.verify import verify_export as _verify
 
     return _verify(Path(path), sink=sink, cancel=cancel)
@@ -292,7 +321,19 @@ def evaluate_before_after(
 ) -> dict[str, Any]:
     """Worker function: perplexity of the original and of the quantized model on the same
     windows, and the KL divergence of the quantized model's next-token distributions from the
-    original's."""
+    original's. Loads both models with transformers, so it runs in a child process as the
+    quantization does (app.jobproc)."""
+    from app.jobproc import run_in_child
+
+    kwargs = {"original": original, "quantized": quantized, "text": text, "seq_len": seq_len, "windows": windows}
+    return run_in_child(evaluate_before_after_here, kwargs, sink=sink, cancel=cancel)
+
+
+def evaluate_before_after_here(
+    *, original: Path, quantized: Path, text: str = "builtin", seq_len: int = 256, windows: int = 8,
+    sink: Sink = null_sink, cancel: CancelToken | None = None,
+) -> dict[str, Any]:
+    """`evaluate_before_after` in this process (what its child process runs)."""
     from core.evaluate import evaluate
 
     sink(StageStarted("evaluate", total=2, message=f"original {Path(original).name}"))

@@ -3,16 +3,16 @@ cancel; bad folders; closing during a run."""
 from __future__ import annotations
 
 import math
-import threading
-import time
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
-from gui_steps import start_rtn
+import gui_steps
+from gui_steps import job_processes, start_rtn
 
-from core.events import LayerDone
+from core.events import LayerDone, Log
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -73,26 +73,14 @@ def test_offload_slider_moves_layers_to_the_cpu(window: Any, tiny_llama_dir: Pat
 
 
 @pytest.fixture
-def gated_engine(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
-    """Runs the real engine but holds its thread after the first LayerDone until the job is
-    cancelled, so "mid-run" is certain however fast the machine is. Set when that point is hit."""
+def gated_engine(window: Any, monkeypatch: pytest.MonkeyPatch) -> Callable[[], bool]:
+    """Runs the real engine in the job process but holds it there after the first LayerDone until
+    the job is cancelled (gui_steps.gated_quantization), so "mid-run" is certain however fast the
+    machine is. Returns a check that the held layer's point reached the window."""
     from app import backend
 
-    real = backend.run_quantization
-    reached = threading.Event()
-
-    def gated(*, job: Any, sink: Any, cancel: Any) -> Any:
-        def relay(ev: object) -> None:
-            sink(ev)
-            if isinstance(ev, LayerDone) and not reached.is_set():
-                reached.set()
-                while not cancel.cancelled:
-                    time.sleep(0.005)
-
-        return real(job=job, sink=relay, cancel=cancel)
-
-    monkeypatch.setattr(backend, "run_quantization", gated)
-    return reached
+    monkeypatch.setattr(backend, "quantize_here", gui_steps.gated_quantization)
+    return lambda: len(window.quantize_view.plot.points) >= 1
 
 
 def _start_rtn(window: Any, model: Path, out: Path) -> None:
@@ -103,10 +91,16 @@ def test_rtn_quantization_through_the_worker_plots_one_point_per_linear(
         window: Any, qtbot: Any, tiny_llama_dir: Path, tmp_path: Path, dialogs: list) -> None:
     out = tmp_path / "tiny-rtn"
     events: list[LayerDone] = []
+    logs: list[str] = []
     window.quantize_view.runner.event.connect(lambda ev: events.append(ev) if isinstance(ev, LayerDone) else None)
+    window.quantize_view.runner.event.connect(lambda ev: logs.append(ev.message) if isinstance(ev, Log) else None)
     with qtbot.waitSignal(window.quantize_view.job_finished, timeout=120000) as blocker:
         _start_rtn(window, tiny_llama_dir, out)
     assert dialogs == []
+    # The engine ran in a job process of its own (the GUI's GIL stays free), which has ended.
+    pids = [int(m.rsplit(" ", 1)[1]) for m in logs if m.startswith("running in job process ")]
+    assert len(pids) == 1 and pids[0] != os.getpid()
+    assert job_processes() == []
     result = blocker.args[0]
     assert out.is_dir() and (out / "config.json").is_file()
     assert any(out.glob("*.safetensors"))
@@ -148,22 +142,47 @@ def test_results_view_evaluates_before_after_and_saves_a_report(
 
 
 def test_cancel_mid_run_leaves_no_output(window: Any, qtbot: Any, tiny_model_factory: Any, tmp_path: Path,
-                                         gated_engine: threading.Event) -> None:
+                                         gated_engine: Callable[[], bool]) -> None:
     model = tiny_model_factory(layers=6)
     out_parent = tmp_path / "outs"
     out_parent.mkdir()
     out = out_parent / "cancelled"
     q = window.quantize_view
     _start_rtn(window, model, out)
-    qtbot.waitUntil(gated_engine.is_set, timeout=120000)
+    qtbot.waitUntil(gated_engine, timeout=120000)
     assert q.cancel_button.isEnabled()
+    (child,) = job_processes()
+    assert child.pid != os.getpid()
     with qtbot.waitSignal(q.runner.cancelled, timeout=60000):
         q.cancel_button.click()
+    assert not child.is_running() and job_processes() == []
     assert not out.exists()
     assert list(out_parent.iterdir()) == []  # no partial folder beside it either
     assert 1 <= len(q.plot.points) < 6 * 7
     assert "Cancelled" in q.stage.text()
     assert q.run_button.isEnabled() and not q.cancel_button.isEnabled()
+
+
+def test_bad_input_found_in_the_job_process_shows_the_engines_own_message(
+        window: Any, qtbot: Any, tiny_llama_dir: Path, tmp_path: Path, dialogs: list) -> None:
+    from core.config import QuantJob, RTNConfig
+    from core.engine import run_quantization
+
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("not a model")
+    with pytest.raises(ValueError) as in_process:
+        run_quantization(QuantJob(tiny_llama_dir, out, RTNConfig(bits=4, group_size=64)))
+    q = window.quantize_view
+    with qtbot.waitSignal(q.runner.failed, timeout=120000) as blocker:
+        _start_rtn(window, tiny_llama_dir, out)
+    exc, tb = blocker.args
+    assert type(exc) is ValueError and str(exc) == str(in_process.value)
+    assert dialogs == [("Quantization failed", str(in_process.value))]
+    assert "Traceback" in tb and "core/" in tb  # the job process's own traceback, for the details
+    assert (out / "keep.txt").read_text() == "not a model" and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert q.stage.text() == "Failed" and q.run_button.isEnabled()
+    assert job_processes() == []
 
 
 def test_bad_folder_shows_an_error_dialog_not_a_traceback(window: Any, tmp_path: Path, dialogs: list) -> None:
@@ -199,17 +218,19 @@ def test_catalog_model_plans_without_weights(window: Any) -> None:
 
 
 def test_closing_the_window_during_a_run_shuts_the_worker_down(
-        window: Any, qtbot: Any, tiny_model_factory: Any, tmp_path: Path, gated_engine: threading.Event) -> None:
+        window: Any, qtbot: Any, tiny_model_factory: Any, tmp_path: Path, gated_engine: Callable[[], bool]) -> None:
     model = tiny_model_factory(layers=6)
     out = tmp_path / "closed"
     q = window.quantize_view
     _start_rtn(window, model, out)
-    qtbot.waitUntil(gated_engine.is_set, timeout=120000)
+    qtbot.waitUntil(gated_engine, timeout=120000)
     thread = q.runner._thread
     assert thread is not None and thread.isRunning()
+    assert len(job_processes()) == 1
     window.close()
     assert not q.runner.running
     assert thread.isFinished()
+    assert job_processes() == []
     assert not out.exists()
     assert list(tmp_path.glob(".closed*")) == []
 
