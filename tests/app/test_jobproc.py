@@ -1,0 +1,168 @@
+"""app.jobproc: a worker function in a spawned job process — events, result, errors, cancel."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+import child_jobs
+from core.events import CancelToken, Cancelled, LayerDone, Log
+from gui_steps import job_processes
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _wait_for(path: Path, timeout: float = 60.0) -> int:
+    deadline = time.monotonic() + timeout
+    while not path.exists() or not path.read_text():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+    return int(path.read_text())
+
+
+def test_events_and_result_come_back_in_order_and_prints_stay_out_of_the_channel(capfd: Any) -> None:
+    from app.jobproc import run_in_child
+
+    seen: list[Any] = []
+    result = run_in_child(child_jobs.noisy_layers, {"n": 20}, sink=seen.append)
+    layers = [e for e in seen if isinstance(e, LayerDone)]
+    assert [e.index for e in layers] == list(range(20))
+    assert layers[3] == LayerDone("model.layers.3.mlp.up_proj", 3, 20, {"mse": 1.0, "rel_error": 0.1, "sqnr_db": 20.0}, 0.0)
+    assert result["n"] == 20 and result["pid"] != os.getpid()
+    assert not psutil.pid_exists(result["pid"]) or psutil.Process(result["pid"]).status() == psutil.STATUS_ZOMBIE
+    out, err = capfd.readouterr()
+    # The job's stdout (Python and fd level) is sent to stderr, never mixed into the parent's stdout.
+    assert "noise" not in out
+    assert "stdout noise 19" in err and "raw fd-1 noise" in err and "stderr noise 19" in err
+
+
+def test_value_error_keeps_its_class_and_message_and_the_child_traceback() -> None:
+    import traceback
+
+    from app.jobproc import run_in_child
+
+    seen: list[Any] = []
+    message = "group size 96 does not divide 576 (model.layers.0.mlp.up_proj); choose 32 or 64"
+    with pytest.raises(ValueError) as info:
+        run_in_child(child_jobs.fail_with, {"kind": "value", "message": message}, sink=seen.append)
+    assert type(info.value) is ValueError and str(info.value) == message
+    assert any(isinstance(e, Log) and e.message == "about to fail" for e in seen)
+    text = "".join(traceback.format_exception(info.value))
+    assert "child_jobs.py" in text and "fail_with" in text  # where in the job process it failed
+    assert job_processes() == []
+
+
+def test_an_exception_that_does_not_pickle_arrives_with_its_message() -> None:
+    from app.jobproc import JobProcessError, run_in_child
+
+    with pytest.raises(JobProcessError, match="^disk on fire$"):
+        run_in_child(child_jobs.fail_with, {"kind": "unpicklable", "message": "disk on fire"})
+
+
+def test_cancel_stops_a_cooperative_job_promptly(tmp_path: Path) -> None:
+    from app.jobproc import run_in_child
+
+    cancel = CancelToken()
+    ready = tmp_path / "ready"
+    done: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            run_in_child(child_jobs.wait_for_cancel, {"ready": str(ready)}, cancel=cancel)
+        except BaseException as exc:  # noqa: BLE001
+            done.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    pid = _wait_for(ready)
+    t0 = time.monotonic()
+    cancel.cancel()
+    worker.join(30)
+    assert not worker.is_alive() and time.monotonic() - t0 < 3.0
+    assert len(done) == 1 and isinstance(done[0], Cancelled)
+    assert not psutil.pid_exists(pid) and job_processes() == []
+
+
+def test_a_job_that_ignores_cancel_is_killed_and_its_partial_output_removed(tmp_path: Path) -> None:
+    from app.jobproc import run_in_child
+
+    cancel = CancelToken()
+    ready, partial = tmp_path / "ready", tmp_path / ".out.partial-quantscope"
+    killed: list[bool] = []
+    done: list[BaseException] = []
+
+    def on_kill() -> None:
+        import shutil
+
+        killed.append(True)
+        shutil.rmtree(partial)
+
+    def run() -> None:
+        try:
+            run_in_child(child_jobs.ignore_cancel, {"ready": str(ready), "partial": str(partial)},
+                         cancel=cancel, on_kill=on_kill, kill_after=1.0)
+        except BaseException as exc:  # noqa: BLE001
+            done.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    pid = _wait_for(ready)
+    assert partial.is_dir()
+    t0 = time.monotonic()
+    cancel.cancel()
+    worker.join(30)
+    assert not worker.is_alive() and 0.9 < time.monotonic() - t0 < 10.0
+    assert len(done) == 1 and isinstance(done[0], Cancelled)
+    assert killed == [True] and not partial.exists()
+    assert not psutil.pid_exists(pid) and job_processes() == []
+
+
+def test_a_job_process_that_dies_reports_how() -> None:
+    from app.jobproc import JobProcessError, run_in_child
+
+    seen: list[Any] = []
+    with pytest.raises(JobProcessError, match="killed by signal 9"):
+        run_in_child(child_jobs.die, sink=seen.append)
+    assert any(isinstance(e, Log) and e.message == "going down" for e in seen)
+
+
+def test_job_process_modules_do_not_import_qt() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, app.jobproc, app.backend, gui_steps, child_jobs; "
+            "print([m for m in sys.modules if m.startswith(('PySide6', 'pyqtgraph', 'shiboken'))])")
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here.parents[1]), str(here)]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_job_process_stops_when_its_parent_dies(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    ready = tmp_path / "ready"
+    here = Path(__file__).resolve().parent
+    code = ("import child_jobs; from app.jobproc import run_in_child; "
+            f"run_in_child(child_jobs.wait_for_cancel, {{'ready': {str(ready)!r}}})")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here.parents[1]), str(here)]))
+    parent = subprocess.Popen([sys.executable, "-c", code], env=env)
+    try:
+        pid = _wait_for(ready)
+        parent.send_signal(signal.SIGKILL)  # nothing in the parent can clean up
+        parent.wait(30)
+        deadline = time.monotonic() + 15
+        while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "the orphaned job process kept running"
+            time.sleep(0.05)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
