@@ -1,7 +1,9 @@
 """Live per-layer error plot: one point per quantized linear, coloured by module type.
 
-Curves (one scatter per module type) are created once; each LayerDone appends to plain lists
-and calls `setData`, so a 500-linear model costs 500 cheap updates, not 500 new items.
+Curves (one scatter per module type) are created once; each LayerDone appends to plain lists,
+and the curves that changed get `setData` at most every `_REFRESH_MS`: a repaint of the plot
+(autoranged axes, tick labels) costs far more UI-thread time than the point itself, and a fast
+job delivers several linears per frame.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import Signal
+from PySide6.QtCore import QTimer, Signal
 from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
 from app.theme import ThemeManager, style_plot
@@ -25,6 +27,8 @@ METRICS = {
     "mse": ("MSE", True),
 }
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# Redraw interval while points stream in (10 Hz reads as live).
+_REFRESH_MS = 100
 
 
 def module_type(name: str) -> str:
@@ -126,6 +130,11 @@ class LayerErrorPlot(QWidget):
             self.plot.addItem(curve)
             self.curves[t] = curve
         self._legend_added: set[str] = set()
+        self._dirty: set[str] = set()
+        self._refresh = QTimer(self)
+        self._refresh.setSingleShot(True)
+        self._refresh.setInterval(_REFRESH_MS)
+        self._refresh.timeout.connect(self.flush)
         top = QHBoxLayout()
         top.addWidget(QLabel("Per-layer error"))
         top.addWidget(self.metric_box)
@@ -150,6 +159,8 @@ class LayerErrorPlot(QWidget):
         self.metric_box.setCurrentIndex(idx)
 
     def clear(self) -> None:
+        self._refresh.stop()
+        self._dirty.clear()
         self.points.clear()
         for s in self.series.values():
             s.x.clear()
@@ -163,9 +174,19 @@ class LayerErrorPlot(QWidget):
         point = LayerPoint(name, layer_number(name, index), module_type(name), dict(metrics), seconds)
         self.points.append(point)
         self._append(point)
-        self._update_curve(point.kind)
-        self.count_label.setText(f"{len(self.points)} linears")
+        self._dirty.add(point.kind)
+        if not self._refresh.isActive():
+            self._refresh.start()
         return point
+
+    def flush(self) -> None:
+        """Draw the points added since the last redraw now."""
+        self._refresh.stop()
+        for t in MODULE_TYPES:
+            if t in self._dirty:
+                self._update_curve(t)
+        self._dirty.clear()
+        self.count_label.setText(f"{len(self.points)} linears")
 
     def set_points(self, points: list[LayerPoint]) -> None:
         self.clear()
@@ -177,6 +198,8 @@ class LayerErrorPlot(QWidget):
         self.count_label.setText(f"{len(self.points)} linears")
 
     def point_count(self) -> int:
+        """Points drawn (after drawing any that are pending)."""
+        self.flush()
         return sum(len(self.curves[t].data) for t in MODULE_TYPES)
 
     def _value(self, p: LayerPoint) -> float | None:
@@ -236,6 +259,7 @@ class LayerErrorPlot(QWidget):
             s.tips.clear()
         for p in self.points:
             self._append(p)
+        self._dirty.clear()
         for t in MODULE_TYPES:
             self._update_curve(t)
         self.metric_changed.emit(self.metric)
@@ -246,4 +270,5 @@ class LayerErrorPlot(QWidget):
             self._update_curve(t)
 
     def save_png(self, path: str) -> bool:
+        self.flush()
         return self.plot.grab().save(path)

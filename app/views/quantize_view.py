@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import Qt, Signal, Slot
+from PySide6.QtCore import Qt, QTimer, Signal, Slot
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -73,6 +73,10 @@ METHOD_ROWS = {
     "llm_int8": ("threshold",),
 }
 LOG_LINES = 2000
+# Progress bar, stage and ETA labels and new log lines reach the widgets at most this often while
+# a job runs: every widget update is a repaint on the UI thread (QProgressBar.setValue paints at
+# once), and a fast job sends several events per frame.
+STATUS_REFRESH_MS = 100
 
 
 class QuantizeView(QWidget):
@@ -91,6 +95,14 @@ class QuantizeView(QWidget):
         self._t0 = 0.0
         self._stage = ""
         self._layers_total = 0
+        self._pending_log: list[str] = []
+        self._pending_range: tuple[int, int] | None = None  # progress bar (maximum, value); 0 = busy
+        self._pending_stage: str | None = None
+        self._pending_eta: str | None = None
+        self._status_timer = QTimer(self)
+        self._status_timer.setSingleShot(True)
+        self._status_timer.setInterval(STATUS_REFRESH_MS)
+        self._status_timer.timeout.connect(self._flush_status)
 
         # ---------------- method and settings
         self.method = QComboBox()
@@ -365,6 +377,7 @@ class QuantizeView(QWidget):
         job = self._ask_resume(job)
         self.last_job = job
         self.last_result = None
+        self._drop_status()
         self.plot.clear()
         self.log.clear()
         self._t0 = time.monotonic()
@@ -398,6 +411,7 @@ class QuantizeView(QWidget):
 
     def cancel(self) -> None:
         if self.runner.running:
+            self._flush_status()
             self.stage.setText("Cancelling…")
             self.runner.cancel()
 
@@ -413,43 +427,65 @@ class QuantizeView(QWidget):
             self.plot.add_point(ev.name, ev.index, ev.metrics, ev.seconds)
             self._layers_total = ev.total
             done = ev.index + 1
-            self.progress.setRange(0, max(ev.total, 1))
-            self.progress.setValue(done)
-            self.stage.setText(f"{self._stage or 'quantize'}: linear {done}/{ev.total} — {ev.name}")
+            self._pending_range = (max(ev.total, 1), done)
+            self._pending_stage = f"{self._stage or 'quantize'}: linear {done}/{ev.total} — {ev.name}"
             self._update_eta(done, ev.total)
         elif isinstance(ev, Progress):
             self._stage = ev.stage
             if ev.total:
-                self.progress.setRange(0, ev.total)
-                self.progress.setValue(ev.done)
+                self._pending_range = (ev.total, ev.done)
                 if ev.stage != "quantize":
-                    self.stage.setText(f"{ev.stage}: {ev.done}/{ev.total} {ev.message}".strip())
+                    self._pending_stage = f"{ev.stage}: {ev.done}/{ev.total} {ev.message}".strip()
         elif isinstance(ev, StageStarted):
             self._stage = ev.stage
-            self.stage.setText(f"{ev.stage} {ev.message}".strip())
-            if ev.total:
-                self.progress.setRange(0, ev.total)
-                self.progress.setValue(0)
-            else:
-                self.progress.setRange(0, 0)
-            self._append_log(f"[{ev.stage}] {ev.message}".rstrip())
+            self._pending_stage = f"{ev.stage} {ev.message}".strip()
+            self._pending_range = (ev.total, 0) if ev.total else (0, 0)
+            self._queue_log(f"[{ev.stage}] {ev.message}".rstrip())
         elif isinstance(ev, Log):
-            self._append_log(f"{ev.level}: {ev.message}")
+            self._queue_log(f"{ev.level}: {ev.message}")
         elif isinstance(ev, MemorySample):
             gpu = f", GPU {ev.gpu_gib:.2f} GiB" if ev.gpu_gib is not None else ""
             self.eta.setToolTip(f"RSS {ev.rss_gib:.2f} GiB{gpu}")
-        elif isinstance(ev, Finished):
-            pass  # the function's return value arrives through `finished`
+            return
+        else:
+            return  # Finished: the function's return value arrives through `finished`
+        if not self._status_timer.isActive():
+            self._status_timer.start()
 
     def _update_eta(self, done: int, total: int) -> None:
         elapsed = time.monotonic() - self._t0
         if done <= 0 or total <= 0:
             return
         remaining = elapsed / done * (total - done)
-        self.eta.setText(f"elapsed {_fmt_seconds(elapsed)} · ETA {_fmt_seconds(remaining)}")
+        self._pending_eta = f"elapsed {_fmt_seconds(elapsed)} · ETA {_fmt_seconds(remaining)}"
+
+    def _queue_log(self, line: str) -> None:
+        self._pending_log.append(f"{time.strftime('%H:%M:%S')}  {line}")
+
+    def _flush_status(self) -> None:
+        """Show what the job's events changed since the last refresh."""
+        self._status_timer.stop()
+        if self._pending_range is not None:
+            maximum, value = self._pending_range
+            self.progress.setRange(0, maximum)
+            self.progress.setValue(value)
+        if self._pending_stage is not None:
+            self.stage.setText(self._pending_stage)
+        if self._pending_eta is not None:
+            self.eta.setText(self._pending_eta)
+        if self._pending_log:
+            self.log.appendPlainText("\n".join(self._pending_log))
+        self._drop_status()
+
+    def _drop_status(self) -> None:
+        self._status_timer.stop()
+        self._pending_log = []
+        self._pending_range = self._pending_stage = self._pending_eta = None
 
     @Slot(object)
     def _on_finished(self, result: Any) -> None:
+        self._flush_status()
+        self.plot.flush()
         self.last_result = result
         self.progress.setRange(0, 1)
         self.progress.setValue(1)
@@ -463,6 +499,8 @@ class QuantizeView(QWidget):
 
     @Slot(object, str)
     def _on_failed(self, exc: object, tb: str) -> None:
+        self._flush_status()
+        self.plot.flush()
         self.progress.setRange(0, 1)
         self.progress.setValue(0)
         self.stage.setText("Failed")
@@ -471,6 +509,8 @@ class QuantizeView(QWidget):
 
     @Slot()
     def _on_cancelled(self) -> None:
+        self._flush_status()
+        self.plot.flush()
         self.progress.setRange(0, 1)
         self.progress.setValue(0)
         self.stage.setText("Cancelled — nothing was written")
@@ -485,7 +525,8 @@ class QuantizeView(QWidget):
         self.method.setEnabled(not running)
 
     def _append_log(self, line: str) -> None:
-        self.log.appendPlainText(f"{time.strftime('%H:%M:%S')}  {line}")
+        self._queue_log(line)
+        self._flush_status()
 
     # ------------------------------------------------------------ form updates
     def _method_changed(self) -> None:
