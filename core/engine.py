@@ -68,6 +68,9 @@ _METRIC_ROWS = 1024
 # Calibration tokens per forward batch.
 _CALIB_TOKENS_PER_BATCH = 4096
 
+# Calibration tokens on which the propagation pass measures each linear's output error.
+_PROBE_TOKENS = 16384
+
 # Seconds to wait after journaling each layer: only the crash/resume fault tests set it, so that
 # a tiny model's run lasts long enough to be killed between two layers.
 _TEST_DELAY_ENV = "QUANTSCOPE_TEST_LAYER_DELAY"
@@ -366,14 +369,17 @@ def _meta_model(src: ModelSource) -> tuple[nn.Module, Any]:
     return model, hf_config
 
 
-def _materialise(layer: nn.Module, prefix: str, tensors: dict[str, torch.Tensor], src: ModelSource) -> None:
-    """Give a meta decoder layer its real weights, float32 on CPU, one tensor converted at a time."""
+def _materialise(layer: nn.Module, prefix: str, tensors: dict[str, torch.Tensor], src: ModelSource,
+                 as_float: bool = True) -> None:
+    """Give a meta decoder layer its real weights on CPU: float32, one tensor converted at a time,
+    or (as_float=False, for methods that read bf16/fp16 themselves) as stored."""
     expected = set(layer.state_dict().keys())
     state: dict[str, torch.Tensor] = {}
     for name in list(tensors):
         rel = name[len(prefix):]
         if rel in expected:
-            state[rel] = tensors.pop(name).float()
+            t = tensors.pop(name)
+            state[rel] = t.float() if as_float else t
     missing = sorted(expected - set(state))
     if missing:
         raise ValueError(f"tensor {prefix}{missing[0]} is missing from {src.path}; the checkpoint is incomplete, "
@@ -391,6 +397,7 @@ class _OutputErrorProbe:
     def __init__(self, linears: dict[str, nn.Linear], quantized: dict[str, QuantizedWeight]) -> None:
         self.noise = {n: 0.0 for n in quantized}
         self.signal = {n: 0.0 for n in quantized}
+        self.active = True  # measure the error of this batch (else only compute the output)
         self._saved: list[tuple[nn.Linear, torch.Tensor]] = []
         for name, q in quantized.items():
             lin = linears[name]
@@ -403,11 +410,12 @@ class _OutputErrorProbe:
     def _make_forward(self, name: str, lin: nn.Linear, w: torch.Tensor, w_hat: torch.Tensor,
                       act: Any) -> Callable[[torch.Tensor], torch.Tensor]:
         def forward(x: torch.Tensor) -> torch.Tensor:
-            ref = F.linear(x, w, lin.bias)
             xq = act.fake_quant(x) if act is not None else x
             out = F.linear(xq, w_hat, lin.bias)
-            self.noise[name] += float((ref - out).double().square().sum())
-            self.signal[name] += float(ref.double().square().sum())
+            if self.active:
+                ref = F.linear(x, w, lin.bias)
+                self.noise[name] += float(torch.linalg.vector_norm(ref - out)) ** 2
+                self.signal[name] += float(torch.linalg.vector_norm(ref)) ** 2
             return out
 
         return forward
@@ -444,9 +452,15 @@ def run_quantization(job: QuantJob, *, sink: Sink = null_sink, cancel: CancelTok
                           source=src.path, fingerprint=job_fingerprint(job, src, export_name))
     writer.check_target()
 
-    model, hf_config = _meta_model(src)
-    layers = model.model.layers
     calibrated = bool(getattr(quantizer, "needs_calibration", False))
+    # Calibrated methods run the real decoder layer; the others only need its linears, which the
+    # headers describe, so they never import transformers' modeling code (seconds per run).
+    if calibrated:
+        model, hf_config = _meta_model(src)
+        layers: Any = model.model.layers
+    else:
+        model = hf_config = None
+        layers = [_layer_from_headers(src, i) for i in range(src.num_layers)]
     n_linears = sum(
         1 for i in range(src.num_layers) for rel, _ in _ordered_linears(layers[i])
         if not is_skipped(f"{src.layer_prefix(i)}{rel}", job.skip)
@@ -491,15 +505,18 @@ def run_quantization(job: QuantJob, *, sink: Sink = null_sink, cancel: CancelTok
                     emit(Progress("quantize", done, n_linears, rec["name"]))
                 emit(Log("info", f"layer {i + 1}/{src.num_layers}: reused from the interrupted run"))
                 continue
-            layer_records, shard = _quantize_layer(
+            if i + 1 < src.num_layers:
+                _prefetch(src, src.layer_tensor_names(i + 1))
+            layer_records, shard_tensors = _quantize_layer(
                 i, prefix, src, layers[i], quantizer, exporter, job, calib, emit, cancel, done, n_linears,
-                ignored_names, writer, first_layer_shard + i,
+                ignored_names,
             )
             done += len(layer_records)
             records.extend(layer_records)
             quantized_names.extend(r["name"] for r in layer_records)
-            writer.record_layer(i, layer_records, shard,
-                                calib={f"hidden.{j}": h for j, h in enumerate(calib.hidden)} if calib else None)
+            writer.submit(_store_layer, writer, i, first_layer_shard + i, shard_tensors, layer_records,
+                          {f"hidden.{j}": h for j, h in enumerate(calib.hidden)} if calib else None)
+            del shard_tensors
             layers[i].to("meta")  # free this layer's weights
             if os.environ.get(_TEST_DELAY_ENV):
                 time.sleep(float(os.environ[_TEST_DELAY_ENV]))
@@ -509,7 +526,8 @@ def run_quantization(job: QuantJob, *, sink: Sink = null_sink, cancel: CancelTok
         check_cancel(cancel)
         if head:
             emit(StageStarted("write", message="final norm and lm_head"))
-            _copy_tensors(writer, len(groups) - 1, head, src)
+            writer.submit(_copy_tensors, writer, len(groups) - 1, head, src)
+        writer.flush()
         qconfig = exporter.quantization_config(job.method, quantized_names, ignored_names)
         config = output_config(src.config, qconfig, src.source_dtype)
         write_extra_files(writer, exporter, qconfig)
@@ -546,6 +564,61 @@ def _event_metrics(rec: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in rec.items() if k not in ("name", "layer", "index", "shape", "seconds")}
 
 
+def _store_layer(writer: OutputWriter, i: int, shard: int, tensors: dict[str, torch.Tensor],
+                 records: list[dict[str, Any]], calib: dict[str, torch.Tensor] | None) -> None:
+    """Write a finished layer's shard, then journal it (on the writer's background thread)."""
+    writer.record_layer(i, records, writer.write_shard(shard, tensors), calib=calib)
+
+
+_prefetcher: threading.Thread | None = None
+
+
+def _prefetch(src: ModelSource, names: list[str]) -> None:
+    """Start reading the next layer's bytes into the page cache while this one is quantized
+    (one request in flight; a hint, so a slow one is simply not waited for)."""
+    global _prefetcher
+    if _prefetcher is not None and _prefetcher.is_alive():
+        return
+    _prefetcher = threading.Thread(target=src.prefetch, args=(names,), name="quantscope-prefetch", daemon=True)
+    _prefetcher.start()
+
+
+def _layer_from_headers(src: ModelSource, i: int) -> nn.Module:
+    """Decoder layer i as bare meta modules built from the checkpoint's tensor names and shapes:
+    an nn.Linear for every 2-D `.weight` (with its `.bias`), plain parameters for the rest (norms).
+    For the supported architectures every 2-D tensor of a decoder layer is a linear weight."""
+    prefix = src.layer_prefix(i)
+    names = [n[len(prefix):] for n in src.layer_tensor_names(i)]
+    root = nn.Module()
+
+    def holder(path: str) -> nn.Module:
+        module = root
+        for part in path.split(".") if path else []:
+            if not hasattr(module, part):
+                module.add_module(part, nn.Module())
+            module = getattr(module, part)
+        return module
+
+    linear_paths = set()
+    for rel in names:
+        path, _, leaf = rel.rpartition(".")
+        shape = src.tensors[prefix + rel].shape
+        if leaf == "weight" and len(shape) == 2 and path:
+            parent, _, child = path.rpartition(".")
+            with torch.device("meta"):
+                lin = nn.Linear(shape[1], shape[0], bias=f"{path}.bias" in names)
+            holder(parent).add_module(child, lin)
+            linear_paths.add(path)
+    for rel in names:
+        path, _, leaf = rel.rpartition(".")
+        if path in linear_paths and leaf in ("weight", "bias"):
+            continue
+        info = src.tensors[prefix + rel]
+        holder(path).register_parameter(
+            leaf, nn.Parameter(torch.empty(info.shape, dtype=info.torch_dtype, device="meta"), requires_grad=False))
+    return root
+
+
 def _copy_tensors(writer: OutputWriter, shard: int, names: list[str], src: ModelSource) -> None:
     """Unquantized tensors outside the decoder layers, written in their source dtype."""
     tensors = src.load_tensors(names)
@@ -557,14 +630,15 @@ def _copy_tensors(writer: OutputWriter, shard: int, names: list[str], src: Model
 def _quantize_layer(
     i: int, prefix: str, src: ModelSource, layer: nn.Module, quantizer: Any, exporter: Any, job: QuantJob,
     calib: _Calibration | None, emit: Sink, cancel: CancelToken | None, done: int, total: int,
-    ignored: list[str], writer: OutputWriter, shard: int,
-) -> tuple[list[dict[str, Any]], str]:
+    ignored: list[str],
+) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+    """Quantize decoder layer i; returns its records and the tensors of its output shard."""
     names = src.layer_tensor_names(i)
     tensors = src.load_tensors(names)
     for n, t in tensors.items():
         _check_finite(n, t, src)
     stored_dtype = {n[len(prefix):]: src.tensors[n].torch_dtype for n in names}
-    _materialise(layer, prefix, tensors, src)
+    _materialise(layer, prefix, tensors, src, as_float=not getattr(quantizer, "reads_source_dtype", False))
     del tensors
 
     all_linears = _ordered_linears(layer)
@@ -576,12 +650,15 @@ def _quantize_layer(
     # Methods may report extra per-linear figures (GPTQ loss, AWQ ratio, LLM.int8 outlier columns)
     # in extra["metrics"][relative name]; one dict shared by every context of this layer.
     method_metrics: dict[str, dict[str, float]] = {}
+    # A calibrated method may also leave the layer's quantized output in extra["propagated"] (with
+    # each linear's output error in extra["output_rel_error"]) when it computed them on the way.
+    extra: dict[str, Any] = {"source_dtype": weight_dtype, "metrics": method_metrics}
 
     def context(subset: dict[str, nn.Linear]) -> LayerContext:
         return LayerContext(
             index=i, num_layers=src.num_layers, prefix=ctx_prefix, module=layer, linears=subset,
             inputs=calib.hidden if calib else None, forward=calib.forward_fn(layer) if calib else None,
-            cancel=cancel, sink=emit, extra={"source_dtype": weight_dtype, "metrics": method_metrics},
+            cancel=cancel, sink=emit, extra=extra,
         )
 
     quantized: dict[str, QuantizedWeight] = {}
@@ -604,15 +681,27 @@ def _quantize_layer(
         seconds = {rel: elapsed * lin.weight.numel() / numel for rel, lin in linears.items()}
 
     out_errors: dict[str, float] = {}
-    if calib is not None:
-        # Propagate with the quantized weights; measure each linear's output error on the way.
+    if calib is not None and isinstance(extra.get("propagated"), list):
+        check_cancel(cancel)
+        calib.hidden = extra.pop("propagated")
+        out_errors = dict(extra.pop("output_rel_error", {}))
+    elif calib is not None:
+        # Propagate with the quantized weights; measure each linear's output error on the first
+        # batches on the way (a statistic: more tokens would double the cost of every linear).
         check_cancel(cancel)
         forward = calib.forward_fn(layer)
         probe = _OutputErrorProbe(linears, quantized)
+        hidden: list[torch.Tensor] = []
+        measured = 0
         try:
-            calib.hidden = [forward(h) for h in calib.hidden]
+            for h in calib.hidden:
+                check_cancel(cancel)
+                probe.active = measured < _PROBE_TOKENS
+                measured += h.shape[0] * h.shape[1]
+                hidden.append(forward(h))
         finally:
             probe.restore()
+        calib.hidden = hidden
         out_errors = probe.rel_errors()
 
     records: list[dict[str, Any]] = []
@@ -645,7 +734,7 @@ def _quantize_layer(
         if rel in quantized_weights or f"{prefix}{rel}" in shard_tensors:
             continue
         shard_tensors[f"{prefix}{rel}"] = t.to(stored_dtype.get(rel, src.source_dtype))
-    return records, writer.write_shard(shard, shard_tensors)
+    return records, shard_tensors
 
 
 def job_fingerprint(job: QuantJob, src: ModelSource, export_name: str) -> str:

@@ -16,9 +16,10 @@ import os
 import shutil
 import struct
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -145,8 +146,9 @@ def find_interrupted(out: str | os.PathLike) -> InterruptedJob | None:
                           model=str(doc.get("model", "?")), export=str(doc.get("export", "?")), when=when)
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file streaming each tensor's bytes straight from its memory.
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """Write a safetensors file streaming each tensor's bytes straight from its memory, and return
+    the file's sha256 (hashed from the same buffers, so the journal need not read it back).
     (safetensors.torch.save_file first copies every tensor into a bytes object, which doubles the
     memory of a 1 GB embedding shard.) Same format: little-endian u64 header length, JSON header
     padded with spaces to 8 bytes, then the tensors' data in header order."""
@@ -160,12 +162,17 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
+    digest = hashlib.sha256()
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
+        for block in (struct.pack("<Q", len(raw)), raw):
+            f.write(block)
+            digest.update(block)
         for t in tensors.values():
             if t.numel():
-                f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+                data = memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+                f.write(data)
+                digest.update(data)
+    return digest.hexdigest()
 
 
 def _disk_full(path: Path, exc: OSError) -> OSError:
@@ -200,6 +207,11 @@ class OutputWriter:
         self.weight_map: dict[str, str] = {}
         self._journal: dict[str, Any] = {"version": _JOURNAL_VERSION, "fingerprint": fingerprint, "layers": {}}
         self._done = False
+        self._digests: dict[str, str] = {}  # shard name -> sha256 of the bytes written
+        # One background writer: a layer's shard is written (and journaled) while the next layer
+        # is quantized. At most one write is pending, so at most one extra layer of output is held.
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
         # Set by __enter__: why a resume started fresh, and whether a crashed run's folder was replaced.
         self.fresh_reason: str | None = None
         self.replaced_partial: InterruptedJob | None = None
@@ -268,7 +280,32 @@ class OutputWriter:
             self.abort()
 
     def abort(self) -> None:
+        self._wait(raise_errors=False)
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run fn(*args) on the background writer after the previous submission has finished;
+        an error of the previous one is raised here (or by `flush`)."""
+        self._wait(raise_errors=True)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantscope-writer")
+        self._pending = self._pool.submit(fn, *args)
+
+    def flush(self) -> None:
+        """Wait for the background writer; raise its error, if any."""
+        self._wait(raise_errors=True)
+
+    def _wait(self, *, raise_errors: bool) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            try:
+                pending.result()
+            except BaseException:
+                if raise_errors:
+                    raise
+        if not raise_errors and self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     # -- writing ---------------------------------------------------------------------------
     def write_shard(self, index: int, tensors: dict[str, torch.Tensor]) -> str:
@@ -277,7 +314,7 @@ class OutputWriter:
         path = self.tmp / name
         clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         try:
-            write_safetensors(path, clean, metadata={"format": "pt"})
+            self._digests[name] = write_safetensors(path, clean, metadata={"format": "pt"})
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise _disk_full(path, exc) from exc
@@ -297,15 +334,15 @@ class OutputWriter:
         first, the journal then points at them and only then the previous ones are deleted, so a
         crash at any moment leaves a journal whose files all exist."""
         path = self.tmp / shard
-        entry = {"shard": shard, "file": shard, "size": path.stat().st_size, "sha256": file_sha256(path),
-                 "metrics": metrics}
+        digest = self._digests.pop(shard, None) or file_sha256(path)
+        entry = {"shard": shard, "file": shard, "size": path.stat().st_size, "sha256": digest, "metrics": metrics}
         old = self._journal.get("calib")
         if calib is not None:
             name = f"{CALIB_PREFIX}{index:05d}.safetensors"
             cpath = self.tmp / name
-            self._write_tensors(cpath, calib)
+            cdigest = self._write_tensors(cpath, calib)
             self._journal["calib"] = {"layer": index, "file": name, "size": cpath.stat().st_size,
-                                      "sha256": file_sha256(cpath)}
+                                      "sha256": cdigest}
         self._journal["layers"][str(index)] = entry
         self._journal["weight_map"] = self.weight_map
         self._write_json(self.tmp / JOURNAL_FILE, self._journal)
@@ -329,9 +366,9 @@ class OutputWriter:
 
         return int(entry["layer"]), load_file(str(self.tmp / entry["file"]))
 
-    def _write_tensors(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    def _write_tensors(self, path: Path, tensors: dict[str, torch.Tensor]) -> str:
         try:
-            write_safetensors(path, tensors, metadata={"format": "pt"})
+            return write_safetensors(path, tensors, metadata={"format": "pt"})
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise _disk_full(path, exc) from exc
@@ -349,6 +386,7 @@ class OutputWriter:
 
     def finish(self, *, config: dict, report: dict, source: Path) -> Path:
         """Write index, config, tokenizer files and report, then move the folder into place."""
+        self.flush()
         total = 0
         for f in {self.tmp / n for n in self.weight_map.values()}:
             total += f.stat().st_size

@@ -153,3 +153,121 @@ def forward_with_hooks(
     finally:
         for h in handles:
             h.remove()
+
+
+class StagedLayer:
+    """A Llama-family decoder layer, h → h + attn(norm1(h)) → h₂ + mlp(norm2(h₂)), cut at the
+    inputs of its linears so a true-sequential method can run each part once per batch and keep
+    what the later parts need, instead of re-running the whole layer for every group of linears.
+
+    `build` returns None unless one calibration sample through the stages reproduces
+    `ctx.forward` (so a layer with extra norms, gates or a parallel block falls back to the
+    generic capture passes). The attention's keyword arguments (mask, positions, rotary
+    embeddings) are taken from that same forward, so the stages call the sub-modules exactly as
+    the layer does.
+    """
+
+    def __init__(self, layer: nn.Module, attn_kwargs: dict) -> None:
+        self.layer = layer
+        self.norm1: nn.Module = layer.input_layernorm
+        self.attn: nn.Module = layer.self_attn
+        self.norm2: nn.Module = layer.post_attention_layernorm
+        self.mlp: nn.Module = layer.mlp
+        self.o_proj: nn.Linear = layer.self_attn.o_proj
+        self.down_proj: nn.Linear = layer.mlp.down_proj
+        self._attn_kwargs = attn_kwargs
+        self._seq = _seq_len(attn_kwargs)
+
+    # Relative names (as in ctx.linears) of the linears reading each stage's tensor.
+    def groups(self) -> list[list[str]]:
+        def children(parent: str, module: nn.Module, leave_out: nn.Module) -> list[str]:
+            return [f"{parent}.{n}" for n, m in module.named_modules()
+                    if n and isinstance(m, nn.Linear) and m is not leave_out]
+
+        return [children("self_attn", self.attn, self.o_proj), ["self_attn.o_proj"],
+                children("mlp", self.mlp, self.down_proj), ["mlp.down_proj"]]
+
+    @classmethod
+    def build(cls, ctx: LayerContext) -> StagedLayer | None:
+        layer = ctx.module
+        try:
+            attn, mlp = layer.self_attn, layer.mlp
+            parts = (layer.input_layernorm, layer.post_attention_layernorm, attn.o_proj, mlp.down_proj)
+        except AttributeError:
+            return None
+        if not all(isinstance(p, nn.Module) for p in parts) or not ctx.inputs or ctx.forward is None:
+            return None
+        captured: dict = {}
+
+        def grab(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            captured.setdefault("kwargs", {k: v for k, v in kwargs.items() if k != "hidden_states"})
+            captured.setdefault("positional", len(args))
+
+        sample = ctx.inputs[0][:1]
+        handle = attn.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                ref = ctx.forward(sample)
+        finally:
+            handle.remove()
+        if "kwargs" not in captured or captured["positional"] > 1:
+            return None  # attention called in a way the stages cannot repeat
+        staged = cls(layer, captured["kwargs"])
+        if staged._seq is not None and staged._seq != sample.shape[1]:
+            return None
+        with torch.no_grad():
+            h2 = sample + staged.o_proj(staged.attn_input(staged.norm1(sample)))
+            out = h2 + staged.down_proj(staged.mlp_input(staged.norm2(h2)))
+        if out.shape != ref.shape or not torch.allclose(out, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max())):
+            return None
+        return staged
+
+    def _check_seq(self, x: torch.Tensor) -> None:
+        if self._seq is not None and x.shape[1] != self._seq:
+            raise ValueError(f"calibration batches must share one sequence length ({x.shape[1]} vs {self._seq})")
+
+    def attn_input(self, x1: torch.Tensor) -> torch.Tensor:
+        """The input of o_proj (the attention heads' output) for the normed hidden states x1."""
+        self._check_seq(x1)
+        got: list[torch.Tensor] = []
+
+        def hook(_m: nn.Module, args: tuple) -> None:
+            got.append(args[0])
+            raise _StopForward
+
+        handle = self.o_proj.register_forward_pre_hook(hook)
+        try:
+            with torch.no_grad():
+                self.attn(hidden_states=x1, **self._attn_kwargs)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        if not got:
+            raise RuntimeError("the attention block never reached o_proj")
+        return got[0]
+
+    def mlp_input(self, x2: torch.Tensor) -> torch.Tensor:
+        """The input of down_proj (the gated product) for the normed hidden states x2."""
+        got: list[torch.Tensor] = []
+
+        def hook(_m: nn.Module, args: tuple) -> None:
+            got.append(args[0])
+            raise _StopForward
+
+        handle = self.down_proj.register_forward_pre_hook(hook)
+        try:
+            with torch.no_grad():
+                self.mlp(x2)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        if not got:
+            raise RuntimeError("the MLP block never reached down_proj")
+        return got[0]
+
+
+def _seq_len(kwargs: dict) -> int | None:
+    mask = kwargs.get("attention_mask")
+    return int(mask.shape[-2]) if isinstance(mask, torch.Tensor) and mask.dim() >= 2 else None

@@ -26,7 +26,7 @@ import torch
 from core.config import GPTQConfig, Granularity
 from core.events import CancelToken, Log, Progress, Sink, check_cancel, null_sink
 from core.methods.base import LayerContext, register
-from core.methods.capture import capture_group_inputs, input_groups
+from core.methods.capture import StagedLayer, capture_group_inputs, input_groups
 from core.methods.rtn import source_dtype
 from core.primitives import choose_qparams, num_groups, resolve_group_size
 from core.qtensors import IntWeight
@@ -290,7 +290,9 @@ class GPTQQuantizer:
         # them and decides itself what feeds the next layer.
         originals = {n: lin.weight.detach().clone() for n, lin in ctx.linears.items()}
         try:
-            self._quantize_groups(ctx, results, metrics)
+            staged = StagedLayer.build(ctx)
+            if staged is None or not self._quantize_staged(ctx, staged, originals, results, metrics):
+                self._quantize_groups(ctx, results, metrics)
         finally:
             with torch.no_grad():
                 for n, w in originals.items():
@@ -298,34 +300,134 @@ class GPTQQuantizer:
         return results
 
     def _quantize_groups(self, ctx: LayerContext, results: dict[str, IntWeight], metrics: dict) -> None:
+        """Generic true-sequential order: one capture pass of the whole layer per group."""
         for group in input_groups(ctx):
             check_cancel(ctx.cancel)
             t0 = time.perf_counter()
             first = ctx.linears[group[0]]
             gptq = GPTQ(first.in_features, device=first.weight.device)
             capture_group_inputs(ctx, group, gptq.add_batch)
-            if gptq.nsamples == 0:
-                raise ValueError(f"GPTQ {_qualified(ctx, group[0])}: the layer forward never reached this linear")
-            # Per-tensor grids need each matrix alone; otherwise stack the group (same H).
-            parts = [[n] for n in group] if self.config.granularity is Granularity.TENSOR else [group]
-            for part in parts:
-                stacked = torch.cat([ctx.linears[n].weight.detach() for n in part], dim=0)
-                label = _qualified(ctx, "+".join(part))
-                dtype = source_dtype(ctx, ctx.linears[part[0]].weight)
-                res = gptq.quantize(stacked, self.config, name=label, cancel=ctx.cancel, sink=ctx.sink, dtype=dtype)
-                row = 0
-                for n in part:
-                    lin = ctx.linears[n]
-                    q = _slice_rows(res.weight, row, row + lin.out_features)
-                    loss = float(res.row_losses[row:row + lin.out_features].sum())
-                    row += lin.out_features
-                    results[n] = q
-                    # Later groups must see this group's quantized output (true-sequential).
-                    with torch.no_grad():
-                        lin.weight.copy_(q.dequantize().to(lin.weight.dtype))
-                    metrics.setdefault(n, {}).update({"gptq_loss": loss, "damp": res.damp})
+            self._solve_group(ctx, gptq, group, results, metrics)
             gptq.free()
             log.debug("GPTQ %s: %.2fs", _qualified(ctx, "+".join(group)), time.perf_counter() - t0)
+
+    def _quantize_staged(self, ctx: LayerContext, staged: StagedLayer, originals: dict[str, torch.Tensor],
+                         results: dict[str, IntWeight], metrics: dict) -> bool:
+        """True-sequential GPTQ on a staged Llama-family layer: every part of the layer runs once
+        per batch with the earlier groups already quantized (q/k/v → attention → o → norm →
+        gate/up → down), and the layer's quantized output is left in ctx.extra["propagated"], so
+        the engine needs no further pass. The output error of each linear on exactly these
+        inputs comes from its Hessian: ‖X(W − Ŵ)ᵀ‖² / ‖XWᵀ‖² = tr(ΔW H ΔWᵀ) / tr(W H Wᵀ).
+        Returns False (nothing done) when the linears do not map onto the stages."""
+        stages = [[n for n in g if n in ctx.linears] for g in staged.groups()]
+        if {n for g in stages for n in g} != set(ctx.linears):
+            return False
+        hidden = list(ctx.inputs or [])
+        errors: dict[str, float] = {}
+        with torch.no_grad():
+            self._staged_group(ctx, stages[0], (staged.norm1(h) for h in hidden), originals, results, metrics,
+                               errors)
+            attn_in = [staged.attn_input(staged.norm1(h)) for h in _checked(ctx, hidden)]
+            self._staged_group(ctx, stages[1], iter(attn_in), originals, results, metrics, errors)
+            mid = [h + staged.o_proj(a) for h, a in zip(hidden, attn_in)]
+            del attn_in
+            self._staged_group(ctx, stages[2], (staged.norm2(h) for h in mid), originals, results, metrics, errors)
+            # down_proj's inputs are kept for the final output when they fit the budget; otherwise
+            # the MLP runs once more at the end (gate/up twice, still no attention).
+            keep = _fits_budget(sum(h.shape[0] * h.shape[1] for h in mid) * staged.down_proj.in_features * 4)
+            mlp_in: list[torch.Tensor] = []
+
+            def down_inputs() -> Iterator[torch.Tensor]:
+                for h in _checked(ctx, mid):
+                    m = staged.mlp_input(staged.norm2(h))
+                    if keep:
+                        mlp_in.append(m)
+                    yield m
+
+            self._staged_group(ctx, stages[3], down_inputs(), originals, results, metrics, errors)
+            if keep and len(mlp_in) != len(mid):  # down_proj skipped: the generator never ran
+                mlp_in = [staged.mlp_input(staged.norm2(h)) for h in _checked(ctx, mid)]
+            out: list[torch.Tensor] = []
+            for i in range(len(mid)):
+                check_cancel(ctx.cancel)
+                h = mid[i]
+                out.append(h + (staged.down_proj(mlp_in[i]) if keep else staged.mlp(staged.norm2(h))))
+                mid[i] = None  # type: ignore[call-overload]  # free as we go
+                if keep:
+                    mlp_in[i] = None  # type: ignore[call-overload]
+        ctx.extra["propagated"] = out
+        ctx.extra["output_rel_error"] = errors
+        return True
+
+    def _staged_group(self, ctx: LayerContext, names: list[str], inputs: Iterator[torch.Tensor],
+                      originals: dict[str, torch.Tensor], results: dict[str, IntWeight], metrics: dict,
+                      errors: dict[str, float]) -> None:
+        """Hessian of `names`' shared input from `inputs` (consumed whole even when every linear of
+        the group is skipped, so that side effects such as keeping down_proj's inputs happen),
+        then the group's GPTQ solve and each linear's output error."""
+        if not names:
+            for _ in inputs:
+                check_cancel(ctx.cancel)
+            return
+        first = ctx.linears[names[0]]
+        gptq = GPTQ(first.in_features, device=first.weight.device)
+        for x in inputs:
+            check_cancel(ctx.cancel)
+            gptq.add_batch(x)
+        self._solve_group(ctx, gptq, names, results, metrics)
+        for n in names:
+            errors[n] = _output_rel_error(originals[n], results[n], gptq.H)
+        gptq.free()
+
+    def _solve_group(self, ctx: LayerContext, gptq: GPTQ, group: list[str], results: dict[str, IntWeight],
+                     metrics: dict) -> None:
+        """GPTQ for linears sharing one Hessian; their weights are replaced by the dequantized
+        result so the next group sees this group's quantized output (true-sequential)."""
+        if gptq.nsamples == 0:
+            raise ValueError(f"GPTQ {_qualified(ctx, group[0])}: the layer forward never reached this linear")
+        # Per-tensor grids need each matrix alone; otherwise stack the group (same H).
+        parts = [[n] for n in group] if self.config.granularity is Granularity.TENSOR else [group]
+        for part in parts:
+            stacked = torch.cat([ctx.linears[n].weight.detach() for n in part], dim=0)
+            label = _qualified(ctx, "+".join(part))
+            dtype = source_dtype(ctx, ctx.linears[part[0]].weight)
+            res = gptq.quantize(stacked, self.config, name=label, cancel=ctx.cancel, sink=ctx.sink, dtype=dtype)
+            row = 0
+            for n in part:
+                lin = ctx.linears[n]
+                q = _slice_rows(res.weight, row, row + lin.out_features)
+                loss = float(res.row_losses[row:row + lin.out_features].sum())
+                row += lin.out_features
+                results[n] = q
+                with torch.no_grad():
+                    lin.weight.copy_(q.dequantize().to(lin.weight.dtype))
+                metrics.setdefault(n, {}).update({"gptq_loss": loss, "damp": res.damp})
+
+
+# Bytes of down_proj inputs the staged path may keep for the layer's final output (else it
+# re-runs gate/up): a quarter of the available memory, at most 4 GiB.
+_KEEP_MAX_BYTES = 4 << 30
+
+
+def _fits_budget(nbytes: int) -> bool:
+    import psutil
+
+    return nbytes <= min(_KEEP_MAX_BYTES, psutil.virtual_memory().available // 4)
+
+
+def _checked(ctx: LayerContext, items: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+    for x in items:
+        check_cancel(ctx.cancel)
+        yield x
+
+
+def _output_rel_error(w: torch.Tensor, q: IntWeight, H: torch.Tensor) -> float:
+    """‖X(W − Ŵ)ᵀ‖ / ‖XWᵀ‖ for the inputs X whose (scaled) XᵀX is H."""
+    w = w.float()
+    delta = w - q.dequantize().float().reshape(w.shape)
+    noise = float(((delta @ H) * delta).sum())
+    signal = float(((w @ H) * w).sum())
+    return math.sqrt(max(noise, 0.0) / signal) if signal > 0 else 0.0
 
 
 def _qualified(ctx: LayerContext, name: str) -> str:

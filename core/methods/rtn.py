@@ -37,6 +37,9 @@ def quantize_each_linear(
 @register(RTNConfig)
 class RTNQuantizer:
     needs_calibration: ClassVar[bool] = False
+    # The primitives read bf16/fp16 chunk by chunk with the same codes as a float32 copy, so the
+    # engine hands the weights over as stored (no float32 copy of the layer).
+    reads_source_dtype: ClassVar[bool] = True
 
     def __init__(self, config: RTNConfig) -> None:
         self.config = config
