@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import QTimer, Signal
+from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
 from app.theme import ThemeManager, style_plot
+from app.views.live_text import LiveText
 
 MODULE_TYPES = ("q", "k", "v", "o", "gate", "up", "down", "other")
 # Offsets within a decoder layer so the seven linears of one layer sit side by side.
@@ -110,7 +111,8 @@ class LayerErrorPlot(QWidget):
         for key, (label, _log) in METRICS.items():
             self.metric_box.addItem(label, key)
         self.metric_box.currentIndexChanged.connect(self._metric_changed)
-        self.count_label = QLabel("0 linears")
+        self.count_label = LiveText("0 linears", sample="0000 linears")  # changes with every point
+        self.count_label.setAlignment(Qt.AlignmentFlag.AlignRight)
         self.count_label.setObjectName("Muted")
         self.plot = pg.PlotWidget(axisItems={"left": _ErrorAxis("left")})
         self.plot.setMenuEnabled(False)

@@ -49,6 +49,7 @@ from app.resources import icon
 from app.state import AppState, ModelChoice
 from app.theme import ThemeManager
 from app.views.layer_plot import LayerErrorPlot, LayerPoint
+from app.views.live_text import LiveText
 from app.worker import TaskRunner
 
 METHODS = [
@@ -248,8 +249,10 @@ class QuantizeView(QWidget):
         self.progress = QProgressBar()
         self.progress.setRange(0, 1)
         self.progress.setValue(0)
-        self.stage = QLabel("Idle")
-        self.eta = QLabel("")
+        # Both change with every event of a running job: LiveText repaints only itself.
+        self.stage = LiveText("Idle", sample="quantize: linear 000/000 — model.layers.00.mlp.gate_proj")
+        self.eta = LiveText("", sample="elapsed 00 min 00 s · ETA 00 min 00 s")
+        self.eta.setAlignment(Qt.AlignmentFlag.AlignRight)
         self.eta.setObjectName("Muted")
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
