@@ -60,3 +60,7 @@ def ignore_cancel(*, ready: str, partial: str, sink: Any, cancel: Any) -> None:
 def die(*, sink: Any, cancel: Any) -> None:
     sink(Log("info", "going down"))
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def niceness(*, sink: Any, cancel: Any) -> int:
+    return os.nice(0)

@@ -166,3 +166,11 @@ def test_a_job_process_stops_when_its_parent_dies(tmp_path: Path) -> None:
         if parent.poll() is None:
             parent.kill()
             parent.wait()
+
+
+@pytest.mark.skipif(not hasattr(os, "nice"), reason="POSIX priorities")
+def test_the_job_process_runs_at_a_lower_cpu_priority_than_the_gui() -> None:
+    from app.jobproc import JOB_NICENESS, run_in_child
+
+    assert JOB_NICENESS > 0
+    assert run_in_child(child_jobs.niceness) == min(19, os.nice(0) + JOB_NICENESS)
