@@ -228,3 +228,29 @@ def _sendable(exc: BaseException) -> BaseException | None:
     except Exception:  # noqa: BLE001 - exceptions with custom constructors often do not
         return None
     return back if type(back) is type(exc) and str(back) == str(exc) else None
+
+
+# ------------------------------------------------------------------------------------ self-test
+
+def _selftest_child(*, sink: Sink, cancel: CancelToken) -> dict[str, Any]:
+    sink(Log("info", "hello from the job process"))
+    return {"pid": os.getpid(), "frozen": bool(getattr(sys, "frozen", False)),
+            "nice": os.nice(0) if hasattr(os, "nice") else None}
+
+
+def selftest() -> int:
+    """`python -m app.jobproc` (in a standalone build: `quantscope -m app.jobproc`): start one job
+    process and get an event and a result back; proves process start-up works where it runs."""
+    events: list[Any] = []
+    got = run_in_child(_selftest_child, sink=events.append)
+    ok = got["pid"] != os.getpid() and any(getattr(e, "message", "") == "hello from the job process" for e in events)
+    print(f"job process {'ok' if ok else 'FAILED'}: pid {got['pid']} (this one {os.getpid()}), "
+          f"nice {got['nice']}, frozen {got['frozen']}, {len(events)} events")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    # Through the module's own name, so the child finds the function as app.jobproc._selftest_child.
+    from app.jobproc import selftest as _selftest
+
+    sys.exit(_selftest())

@@ -25,7 +25,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    # A frozen app re-executes itself for multiprocessing children; without this a child would
-    # start a second CLI instead of its worker.
+    # A frozen app re-executes itself for multiprocessing children (the GUI's job processes,
+    # app/jobproc.py); without this a child would start a second CLI instead of its worker.
     multiprocessing.freeze_support()
     sys.exit(main())

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Launches a built Quantscope app to prove it starts and works: --version, the GPU/RAM report as
-# JSON, a real 4-bit quantization + evaluation of a tiny random model, and the GUI offscreen.
+# JSON, a real 4-bit quantization + evaluation of a tiny random model, a job process as the GUI
+# starts one, and the GUI offscreen.
 #   packaging/smoke_test.sh [dist/quantscope/quantscope]
 # Prints one "ok"/"FAIL" line per check with its wall time; exit code 1 if any check failed.
 set -uo pipefail
@@ -66,6 +67,15 @@ then
   fi
 else
   report "quantize (tiny llama)" skip 0 "no quantize subcommand or no fixture builder: $(tail -1 "$work/tiny.err" 2>/dev/null)"
+fi
+
+# The GUI runs its jobs in spawned job processes (app/jobproc.py): the frozen app must start one
+# (multiprocessing.freeze_support in quantscope_entry.py turns the re-executed program into it).
+t=$(now)
+if jp=$("$app" -m app.jobproc 2>"$work/jobproc.err") && grep -q "^job process ok" <<<"$jp"; then
+  report "job process (the GUI's jobs)" ok "$(elapsed "$t")" "$jp"
+else
+  report "job process (the GUI's jobs)" FAIL "$(elapsed "$t")" "${jp:-$(tail -1 "$work/jobproc.err")}"
 fi
 
 # GUI, offscreen. With the GUI's own --smoke-test flag the app builds its window, shows it and

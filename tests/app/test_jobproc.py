@@ -174,3 +174,14 @@ def test_the_job_process_runs_at_a_lower_cpu_priority_than_the_gui() -> None:
 
     assert JOB_NICENESS > 0
     assert run_in_child(child_jobs.niceness) == min(19, os.nice(0) + JOB_NICENESS)
+
+
+def test_python_m_app_jobproc_starts_a_job_process_and_says_ok() -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-m", "app.jobproc"], capture_output=True, text=True, cwd=root,
+                         env=dict(os.environ, PYTHONPATH=str(root)), timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("job process ok: pid ") and "frozen False" in out.stdout
