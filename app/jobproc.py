@@ -221,13 +221,16 @@ def _watch_control(control: Connection, cancel: CancelToken) -> None:
 
 
 def _sendable(exc: BaseException) -> BaseException | None:
-    """`exc` when it survives a pickle round trip with its class and message (so a ValueError
-    reaches the user word for word and `isinstance` checks still work), else None."""
+    """`exc` when it pickles and its class rebuilds from what it pickles to (what the parent's
+    unpickling does), with the same message — so a ValueError reaches the user word for word and
+    `isinstance` checks still work — else None."""
     try:
-        back = pickle.loads(pickle.dumps(exc))
+        pickle.dumps(exc)
+        rebuild, args = exc.__reduce_ex__(pickle.HIGHEST_PROTOCOL)[:2]
+        back = rebuild(*args)
     except Exception:  # noqa: BLE001 - exceptions with custom constructors often do not
         return None
-    return back if type(back) is type(exc) and str(back) == str(exc) else None
+    return exc if type(back) is type(exc) and str(back) == str(exc) else None
 
 
 # ------------------------------------------------------------------------------------ self-test

@@ -64,3 +64,14 @@ def die(*, sink: Any, cancel: Any) -> None:
 
 def niceness(*, sink: Any, cancel: Any) -> int:
     return os.nice(0)
+
+
+class _NeedsTwo(Exception):
+    """Pickles, but its class cannot be rebuilt from its args (a custom constructor)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+
+
+def fail_needs_two(*, sink: Any, cancel: Any) -> None:
+    raise _NeedsTwo("/models/x", "header is truncated")

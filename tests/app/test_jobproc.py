@@ -62,6 +62,8 @@ def test_an_exception_that_does_not_pickle_arrives_with_its_message() -> None:
 
     with pytest.raises(JobProcessError, match="^disk on fire$"):
         run_in_child(child_jobs.fail_with, {"kind": "unpicklable", "message": "disk on fire"})
+    with pytest.raises(JobProcessError, match="^/models/x: header is truncated$"):
+        run_in_child(child_jobs.fail_needs_two)
 
 
 def test_cancel_stops_a_cooperative_job_promptly(tmp_path: Path) -> None:
