@@ -86,9 +86,17 @@ def run_in_child(fn: Callable[..., Any], kwargs: dict[str, Any] | None = None, *
     events_out.close()
     control_in.close()
     try:
-        outcome = _relay(proc, events_in, control_out, sink, cancel, kill_after)
-    finally:
+        try:
+            outcome = _relay(proc, events_in, control_out, sink, cancel, kill_after)
+        except BaseException:
+            # The relay itself failed (e.g. the sink's receiver is gone): stop the job as if
+            # cancelled rather than leave it running unobserved.
+            _request_cancel(control_out)
+            if not _stop(proc, kill_after) and on_kill is not None:
+                on_kill()
+            raise
         _stop(proc, kill_after)
+    finally:
         events_in.close()
         control_out.close()
     if outcome is None or (outcome[0] == "died" and cancel is not None and cancel.cancelled):
@@ -107,10 +115,7 @@ def _relay(proc: Any, events: Connection, control: Connection, sink: Sink, cance
     while True:
         if cancel is not None and cancel.cancelled and cancel_sent is None:
             cancel_sent = time.monotonic()
-            try:
-                control.send("cancel")
-            except OSError:
-                pass  # already gone; its outcome (or end of file) is in the pipe
+            _request_cancel(control)
         if cancel_sent is not None and time.monotonic() - cancel_sent > kill_after:
             log.warning("job process %s ignored the cancel request for %.0f s; killing it", proc.pid, kill_after)
             proc.kill()
@@ -134,13 +139,23 @@ def _relay(proc: Any, events: Connection, control: Connection, sink: Sink, cance
             return msg
 
 
-def _stop(proc: Any, grace: float) -> None:
-    """Wait for the child to exit (it does right after reporting); kill it if it hangs."""
+def _request_cancel(control: Connection) -> None:
+    try:
+        control.send("cancel")
+    except OSError:
+        pass  # the child is already gone; its outcome (or end of file) is in the event pipe
+
+
+def _stop(proc: Any, grace: float) -> bool:
+    """Wait for the child to exit (it does right after reporting); kill it if it hangs. True when
+    it exited by itself."""
     proc.join(grace)
-    if proc.is_alive():
-        log.warning("job process %s did not exit; killing it", proc.pid)
-        proc.kill()
-        proc.join()
+    if not proc.is_alive():
+        return True
+    log.warning("job process %s did not exit; killing it", proc.pid)
+    proc.kill()
+    proc.join()
+    return False
 
 
 def _unpack(outcome: tuple, proc: Any) -> Any:

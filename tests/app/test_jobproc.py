@@ -187,3 +187,18 @@ def test_python_m_app_jobproc_starts_a_job_process_and_says_ok() -> None:
                          env=dict(os.environ, PYTHONPATH=str(root)), timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("job process ok: pid ") and "frozen False" in out.stdout
+
+
+def test_a_failing_sink_stops_the_job_instead_of_leaving_it_running(tmp_path: Path) -> None:
+    from app.jobproc import run_in_child
+
+    ready = tmp_path / "ready"
+
+    def broken_sink(event: Any) -> None:
+        raise RuntimeError("Signal source has been deleted")
+
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="Signal source has been deleted"):
+        run_in_child(child_jobs.wait_for_cancel, {"ready": str(ready)}, sink=broken_sink)
+    assert time.monotonic() - t0 < 4.0  # cancelled, not waited out and killed
+    assert job_processes() == []
