@@ -4,7 +4,7 @@ Inside the GUI process a job's thread holds the GIL for long stretches (first-us
 transformers' modeling code, torch calls that keep it), and the UI thread cannot run meanwhile:
 the window stutters for up to ~200 ms at a time. A child process has its own interpreter and GIL,
 so the UI thread only ever waits for the operating system's scheduler — and the job process
-runs at a lower CPU priority (`JOB_NICENESS`), so that wait is short too.
+runs at a lower CPU priority (`job_niceness()`), so that wait is short too.
 
 `run_in_child(fn, kwargs, sink=, cancel=)` has the worker-function shape `TaskRunner` expects: it
 blocks the calling (worker) thread until the child ends, passes the child's events to `sink`
@@ -46,8 +46,18 @@ _POLL_S = 0.05
 # The job process's CPU priority below the GUI's (POSIX nice). A job keeps every core busy; on an
 # equal footing the scheduler makes the UI thread wait its turn behind the job's threads after
 # each repaint (measured on 2 cores: p99 timer lateness 56-67 ms at nice 0, 22-29 ms at 10).
-# It costs the job nothing when the machine has nothing else to do.
+# It costs the job nothing when the machine has nothing else to do; while other programs keep
+# the cores busy the job gets a smaller share. QUANTSCOPE_JOB_NICENESS=N sets another value.
 JOB_NICENESS = 10
+_NICENESS_ENV = "QUANTSCOPE_JOB_NICENESS"
+
+
+def job_niceness() -> int:
+    """How much lower than the GUI's the job process's priority is (never higher than the GUI's)."""
+    try:
+        return max(0, int(os.environ.get(_NICENESS_ENV, JOB_NICENESS)))
+    except ValueError:
+        return JOB_NICENESS
 
 
 class JobProcessError(RuntimeError):
@@ -189,7 +199,7 @@ def _child_main(fn: Callable[..., Any], kwargs: dict[str, Any], events: Connecti
     except (OSError, ValueError, AttributeError):
         pass
     if hasattr(os, "nice"):
-        os.nice(JOB_NICENESS)
+        os.nice(job_niceness())
     cancel = CancelToken()
     threading.Thread(target=_watch_control, args=(control, cancel), name="quantscope-cancel", daemon=True).start()
     lock = threading.Lock()  # the sink may be called from any of the function's threads

@@ -171,11 +171,16 @@ def test_a_job_process_stops_when_its_parent_dies(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not hasattr(os, "nice"), reason="POSIX priorities")
-def test_the_job_process_runs_at_a_lower_cpu_priority_than_the_gui() -> None:
+def test_the_job_process_runs_at_a_lower_cpu_priority_than_the_gui(monkeypatch: pytest.MonkeyPatch) -> None:
     from app.jobproc import JOB_NICENESS, run_in_child
 
+    monkeypatch.delenv("QUANTSCOPE_JOB_NICENESS", raising=False)
     assert JOB_NICENESS > 0
     assert run_in_child(child_jobs.niceness) == min(19, os.nice(0) + JOB_NICENESS)
+    monkeypatch.setenv("QUANTSCOPE_JOB_NICENESS", "3")
+    assert run_in_child(child_jobs.niceness) == min(19, os.nice(0) + 3)
+    monkeypatch.setenv("QUANTSCOPE_JOB_NICENESS", "-5")  # never above the GUI's priority
+    assert run_in_child(child_jobs.niceness) == os.nice(0)
 
 
 def test_python_m_app_jobproc_starts_a_job_process_and_says_ok() -> None:
