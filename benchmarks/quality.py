@@ -2,7 +2,7 @@
 built-in corpus, KL divergence against the fp32 model, quantization wall time and peak RSS, for
 every quantization method Quantscope has.
 
-    .venv/bin/python benchmarks/quality.py [--samples 128] [--seq-len 512] [--windows 32]
+    .venv/bin/python benchmarks/quality.py [--samples 128] [--seq-len 512] [--windows 0 (all)]
         [--only NAME ...] [--markdown benchmarks/RESULTS.md]
 
 Each method runs in its own subprocess so its peak RSS is its own (ru_maxrss of the child).
@@ -41,14 +41,14 @@ GIB = 2**30
 # Rows of the table: name -> (method config or None for the float model, export layout or None).
 METHODS: dict[str, tuple[Any, str | None]] = {
     "fp32": (None, None),
-    "RTN W4 g64 asym": (RTNConfig(bits=4, group_size=64, sym=False), None),
-    "GPTQ W4 g64 asym": (GPTQConfig(bits=4, group_size=64, sym=False), None),
-    "AWQ W4 g64 asym": (AWQConfig(bits=4, group_size=64, sym=False), None),
     "RTN W8 (per-channel, sym)": (RTNConfig(bits=8, granularity="channel"), None),
-    "GPTQ W4 g64 asym act-order": (GPTQConfig(bits=4, group_size=64, sym=False, act_order=True), None),
-    "RTN W3 g64 asym": (RTNConfig(bits=3, group_size=64, sym=False), None),
-    "GPTQ W3 g64 asym": (GPTQConfig(bits=3, group_size=64, sym=False), None),
-    "AWQ W3 g64 asym": (AWQConfig(bits=3, group_size=64, sym=False), None),
+    "RTN W4 g128 asym": (RTNConfig(bits=4, group_size=128, sym=False), None),
+    "GPTQ W4 g128 asym": (GPTQConfig(bits=4, group_size=128, sym=False), None),
+    "GPTQ W4 g128 asym act-order": (GPTQConfig(bits=4, group_size=128, sym=False, act_order=True), None),
+    "AWQ W4 g128 asym": (AWQConfig(bits=4, group_size=128, sym=False), None),
+    "RTN W3 g128 asym": (RTNConfig(bits=3, group_size=128, sym=False), None),
+    "GPTQ W3 g128 asym": (GPTQConfig(bits=3, group_size=128, sym=False), None),
+    "AWQ W3 g128 asym": (AWQConfig(bits=3, group_size=128, sym=False), None),
     "NF4 (block 64)": (FourBitConfig(quant_type="nf4", blocksize=64), None),
     "SmoothQuant W8A8 dynamic": (SmoothQuantConfig(alpha=0.5, act_scheme="dynamic"), None),
     "SmoothQuant W8A8 static": (SmoothQuantConfig(alpha=0.5, act_scheme="static"), None),
@@ -84,7 +84,7 @@ def _child(args: argparse.Namespace) -> None:
             model, _ = load_model(job.out)
         else:
             quant_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
-        res = evaluate_model(model, tok, heldout=True, seq_len=args.eval_seq_len, windows=args.windows,
+        res = evaluate_model(model, tok, heldout=True, seq_len=args.eval_seq_len, windows=args.windows or 1 << 30,
                              reference=None if method is None else ref)
     print(json.dumps({
         "name": args.child, "perplexity": res["perplexity"], "kl_divergence": res.get("kl_divergence", 0.0),
@@ -123,7 +123,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--samples", type=int, default=128, help="calibration samples")
     p.add_argument("--seq-len", type=int, default=512, help="calibration tokens per sample")
-    p.add_argument("--windows", type=int, default=32, help="evaluation windows")
+    p.add_argument("--windows", type=int, default=0,
+                   help="evaluation windows (0 = the whole held-out half: 109 windows of 512 tokens)")
     p.add_argument("--eval-seq-len", type=int, default=512, help="evaluation window length")
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (0 = torch's default)")
     p.add_argument("--only", nargs="*", help="run only these rows (names as in the table)")
@@ -159,7 +160,8 @@ def _write_markdown(path: Path, rows: list[dict[str, Any]], args: argparse.Names
         f"# Quality on SmolLM2-135M-Instruct\n\nCommand: `{cmd.strip()}`\n\n"
         f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, {args.threads or torch.get_num_threads()} "
         f"torch thread(s) per run. Calibration: {args.samples} samples x {args.seq_len} tokens of the builtin "
-        f"corpus; evaluation: {args.windows} windows x {args.eval_seq_len} tokens of its held-out half.\n\n"
+        f"corpus; evaluation: {args.windows or 'all'} windows x {args.eval_seq_len} tokens of its held-out half "
+        f"({next((r['tokens'] for r in rows if r.get('tokens')), '?')} predicted tokens).\n\n"
         f"{_table(rows)}\n"
     )
 
