@@ -9,7 +9,7 @@ the UI thread; `--in-process` runs it on the worker thread inside the GUI proces
 the app did before, for comparison.
 
     .venv/bin/python benchmarks/ui_latency.py [--model PATH] [--method rtn] [--bits 4] [--group-size 64]
-                                              [--torch-threads N] [--in-process] [--json]
+                                              [--export LAYOUT] [--torch-threads N] [--in-process] [--json]
 """
 from __future__ import annotations
 
@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=64,
                         help="RTN/GPTQ/AWQ group size (64 divides every SmolLM2 linear: the default export)")
+    parser.add_argument("--export", default=None,
+                        help="output layout (default: the one the engine picks for these settings)")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch intra-op threads for the job (default: torch's own choice, one per core)")
     parser.add_argument("--in-process", action="store_true",
@@ -98,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.method in ("rtn", "gptq", "awq"):
         q.bits.setValue(args.bits)
         q.group_size.setCurrentText(str(args.group_size))
+    # The view keeps an earlier export choice that still fits; measure the layout asked for.
+    export = args.export or backend.default_export_for(q.build_method_config(), win.state.model.source)
+    if q.export.findData(export) < 0:
+        print(f"export {export!r} is not offered for these settings", file=sys.stderr)
+        return 2
+    q.export.setCurrentIndex(q.export.findData(export))
     q.out_dir.setText(str(work / "out"))
     win.tabs.setCurrentWidget(q)
 
@@ -130,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         "lateness_p50_ms": round(statistics.median(lateness), 2) if lateness else None,
         "lateness_p99_ms": round(percentile(lateness, 99), 2), "lateness_max_ms": round(max(lateness, default=0), 2),
         "job_runs": "in the GUI process" if args.in_process else "in a job process",
-        "group_size": args.group_size, "cpu_count": os.cpu_count(),
+        "group_size": args.group_size, "export": export, "cpu_count": os.cpu_count(),
         "torch_threads": args.torch_threads or "default", "load_average_1min_start": round(load_start, 2),
         "load_average_1min_end": round(os.getloadavg()[0], 2),
     }
@@ -138,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"model       {result['model']} ({result['linears']} linears, {args.method}, group {args.group_size})")
+        print(f"model       {result['model']} ({result['linears']} linears, {args.method}, group {args.group_size}, "
+              f"export {export})")
         print(f"job         {result['job_seconds']} s {result['job_runs']}, {result['ticks']} timer ticks of "
               f"{INTERVAL_MS} ms")
         print(f"lateness    p50 {result['lateness_p50_ms']} ms   p99 {result['lateness_p99_ms']} ms   "
