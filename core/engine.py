@@ -17,6 +17,8 @@ import math
 import os
 import threading
 import time
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -106,22 +108,26 @@ class QuantResult:
 
 
 class _RssMonitor:
-    """Samples this process's resident memory in a background thread to find the peak, which
-    per-layer samples alone would miss (the peak is inside the quantizer)."""
+    """Peak resident memory of this process during a job. On Linux the kernel's own high-water
+    mark (VmHWM) is reset at the start (/proc/self/clear_refs) and read at the end: exact and
+    free. Elsewhere a background thread samples the RSS (the peak is inside the quantizer, which
+    per-layer samples alone would miss); sampling costs a few percent of a streaming run."""
 
     def __init__(self, interval: float = 0.02) -> None:
         self._proc = psutil.Process()
         self._interval = interval
         self._stop = threading.Event()
         self.peak = self.rss()
-        self._thread = threading.Thread(target=self._run, name="quantscope-rss", daemon=True)
+        self._kernel_peak = _reset_kernel_peak()
+        self._thread = None if self._kernel_peak else threading.Thread(target=self._run, name="quantscope-rss",
+                                                                       daemon=True)
 
     def rss(self) -> int:
         return self._proc.memory_info().rss
 
     def sample(self) -> int:
         value = self.rss()
-        self.peak = max(self.peak, value)
+        self.peak = max(self.peak, value, _kernel_peak() if self._kernel_peak else 0)
         return value
 
     def _run(self) -> None:
@@ -129,13 +135,37 @@ class _RssMonitor:
             self.sample()
 
     def __enter__(self) -> _RssMonitor:
-        self._thread.start()
+        if self._thread is not None:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         self.sample()
+
+
+def _kernel_peak() -> int:
+    """VmHWM of this process in bytes (0 when unavailable)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _reset_kernel_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux ≥ 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return _kernel_peak() > 0
 
 
 def _release_freed_memory() -> None:
@@ -206,6 +236,8 @@ def layer_weight_error(w: torch.Tensor, w_hat: torch.Tensor | QuantizedWeight) -
     accumulation) that never materialises ŵ; anything else is dequantized first. Large tensors are
     measured in float32 row chunks with float64 accumulation instead of whole float64 copies,
     which would cost several hundred MB and most of the time on a 58M-element linear."""
+    if isinstance(w_hat, IntWeight) and w_hat.error_sums is not None:
+        return _error_from_sums(*w_hat.error_sums, w.numel())
     if isinstance(w_hat, IntWeight) and w_hat.g_idx is None and w.dim() == 2:
         from core.primitives import affine_error_sums
 
@@ -468,6 +500,10 @@ def run_quantization(job: QuantJob, *, sink: Sink = null_sink, cancel: CancelTok
     records: list[dict[str, Any]] = []
     quantized_names: list[str] = []
     ignored_names: list[str] = ["lm_head"]
+    # The layout's config classes (compressed-tensors imports transformers: ~2 s) load in the
+    # background while layers stream. Only when nothing else imports transformers meanwhile: its
+    # lazy module is not safe to import from two threads at once.
+    warm = None if calibrated else _warm_up(exporter, job.method)
     done = 0
     settings = settings_dict(job.method)
 
@@ -483,12 +519,13 @@ def run_quantization(job: QuantJob, *, sink: Sink = null_sink, cancel: CancelTok
         writer.set_journal_info(model=str(src.path), method=job.method.method, settings=settings, export=export_name,
                                 num_layers=src.num_layers)
         if stem:
-            _copy_tensors(writer, 0, stem, src)
+            writer.submit(_copy_tensors, writer, 0, stem, src)
         calib = _build_calibration(job, src, model, hf_config, emit) if calibrated else None
         finished = _resumable_layers(writer, calib, src.num_layers, emit) if job.resume else {}
         if finished:
             emit(Log("info", f"resuming: {len(finished)}/{src.num_layers} layers reused from the interrupted run"))
 
+        reader = _LayerReader(src)
         emit(StageStarted("quantize", total=n_linears, message=f"{src.num_layers} decoder layers"))
         emit(Progress("quantize", 0, n_linears))
         for i in range(src.num_layers):
@@ -505,11 +542,10 @@ def run_quantization(job: QuantJob, *, sink: Sink = null_sink, cancel: CancelTok
                     emit(Progress("quantize", done, n_linears, rec["name"]))
                 emit(Log("info", f"layer {i + 1}/{src.num_layers}: reused from the interrupted run"))
                 continue
-            if i + 1 < src.num_layers:
-                _prefetch(src, src.layer_tensor_names(i + 1))
             layer_records, shard_tensors = _quantize_layer(
                 i, prefix, src, layers[i], quantizer, exporter, job, calib, emit, cancel, done, n_linears,
-                ignored_names,
+                ignored_names, reader.take(i, next_layer=next((j for j in range(i + 1, src.num_layers)
+                                                               if j not in finished), None)),
             )
             done += len(layer_records)
             records.extend(layer_records)
@@ -528,6 +564,8 @@ def run_quantization(job: QuantJob, *, sink: Sink = null_sink, cancel: CancelTok
             emit(StageStarted("write", message="final norm and lm_head"))
             writer.submit(_copy_tensors, writer, len(groups) - 1, head, src)
         writer.flush()
+        if warm is not None:
+            warm.join()
         qconfig = exporter.quantization_config(job.method, quantized_names, ignored_names)
         config = output_config(src.config, qconfig, src.source_dtype)
         write_extra_files(writer, exporter, qconfig)
@@ -570,17 +608,42 @@ def _store_layer(writer: OutputWriter, i: int, shard: int, tensors: dict[str, to
     writer.record_layer(i, records, writer.write_shard(shard, tensors), calib=calib)
 
 
-_prefetcher: threading.Thread | None = None
+def _warm_up(exporter: Any, method_config: Any) -> threading.Thread:
+    def build() -> None:
+        try:
+            exporter.quantization_config(method_config, [], [])
+        except Exception:  # noqa: BLE001 - only a warm-up; the real call reports any problem
+            pass
+
+    thread = threading.Thread(target=build, name="quantscope-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
-def _prefetch(src: ModelSource, names: list[str]) -> None:
-    """Start reading the next layer's bytes into the page cache while this one is quantized
-    (one request in flight; a hint, so a slow one is simply not waited for)."""
-    global _prefetcher
-    if _prefetcher is not None and _prefetcher.is_alive():
-        return
-    _prefetcher = threading.Thread(target=src.prefetch, args=(names,), name="quantscope-prefetch", daemon=True)
-    _prefetcher.start()
+class _LayerReader:
+    """Opens the next decoder layer's tensors (memory-mapped, nothing copied) on a background
+    thread while the current one is quantized: opening a shard and touching its first pages waits
+    on the disk (~60 ms a layer on the CI box), time the quantizer can use. (Reading the bytes
+    into memory there instead was slower: the copy competes with the quantizer for the two cores
+    while the quantizer's own page faults are spread over its two workers.)"""
+
+    def __init__(self, src: ModelSource) -> None:
+        self._src = src
+        self._pool: ThreadPoolExecutor | None = None
+        self._ahead: tuple[int, Future] | None = None
+
+    def take(self, i: int, next_layer: int | None) -> dict[str, torch.Tensor]:
+        ahead, self._ahead = self._ahead, None
+        tensors = ahead[1].result() if ahead is not None and ahead[0] == i else self._load(i)
+        if next_layer is not None:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantscope-reader")
+                weakref.finalize(self, self._pool.shutdown, wait=False)
+            self._ahead = (next_layer, self._pool.submit(self._load, next_layer))
+        return tensors
+
+    def _load(self, i: int) -> dict[str, torch.Tensor]:
+        return self._src.load_tensors(self._src.layer_tensor_names(i))
 
 
 def _layer_from_headers(src: ModelSource, i: int) -> nn.Module:
@@ -630,13 +693,18 @@ def _copy_tensors(writer: OutputWriter, shard: int, names: list[str], src: Model
 def _quantize_layer(
     i: int, prefix: str, src: ModelSource, layer: nn.Module, quantizer: Any, exporter: Any, job: QuantJob,
     calib: _Calibration | None, emit: Sink, cancel: CancelToken | None, done: int, total: int,
-    ignored: list[str],
+    ignored: list[str], tensors: dict[str, torch.Tensor],
 ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
-    """Quantize decoder layer i; returns its records and the tensors of its output shard."""
+    """Quantize decoder layer i from its tensors as stored; returns its records and the tensors of
+    its output shard."""
     names = src.layer_tensor_names(i)
-    tensors = src.load_tensors(names)
+    # Methods that find NaN/Inf themselves while rounding (from each group's range) spare the
+    # streaming run a separate pass over every weight; the engine then names the file (below).
+    self_checked = {f"{prefix}{rel}.weight" for rel, _ in _ordered_linears(layer)
+                    if getattr(quantizer, "checks_finite", False) and not is_skipped(f"{prefix}{rel}", job.skip)}
     for n, t in tensors.items():
-        _check_finite(n, t, src)
+        if n not in self_checked:
+            _check_finite(n, t, src)
     stored_dtype = {n[len(prefix):]: src.tensors[n].torch_dtype for n in names}
     _materialise(layer, prefix, tensors, src, as_float=not getattr(quantizer, "reads_source_dtype", False))
     del tensors
@@ -668,7 +736,12 @@ def _quantize_layer(
         for rel, lin in linears.items():
             check_cancel(cancel)
             t0 = time.perf_counter()
-            quantized[rel] = _expect(quantizer.quantize_layer(context({rel: lin})), rel, prefix)
+            try:
+                quantized[rel] = _expect(quantizer.quantize_layer(context({rel: lin})), rel, prefix)
+            except ValueError:
+                if f"{prefix}{rel}.weight" in self_checked:
+                    _check_finite(f"{prefix}{rel}.weight", lin.weight.detach(), src)  # the message with the file
+                raise
             seconds[rel] = time.perf_counter() - t0
     else:
         # Calibrated methods see the whole layer at once (true-sequential inside the method);

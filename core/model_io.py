@@ -186,38 +186,6 @@ class ModelSource:
                     out[n] = f.get_tensor(n)
         return {n: out[n] for n in names}
 
-    def prefetch(self, names: list[str] | tuple[str, ...]) -> None:
-        """Ask the kernel to read the named tensors' bytes into the page cache in the background
-        (posix_fadvise WILLNEED), so the next `load_tensors` of them does not wait for the disk.
-        Contiguous tensors of a file become one request. A hint only: errors are ignored and
-        platforms without posix_fadvise do nothing."""
-        advise = getattr(os, "posix_fadvise", None)
-        if advise is None:
-            return
-        spans: dict[Path, list[tuple[int, int]]] = {}
-        for n in names:
-            info = self.tensors.get(n)
-            if info is not None and info.nbytes:
-                spans.setdefault(info.file, []).append((info.data_start, info.data_start + info.nbytes))
-        for file, ranges in spans.items():
-            merged: list[list[int]] = []
-            for start, end in sorted(ranges):
-                if merged and start <= merged[-1][1]:
-                    merged[-1][1] = max(merged[-1][1], end)
-                else:
-                    merged.append([start, end])
-            try:
-                fd = os.open(file, os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                for start, end in merged:
-                    advise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-
 
 def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
     """Parse one safetensors file's header and check that every tensor's bytes are inside the

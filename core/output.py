@@ -16,6 +16,7 @@ import os
 import shutil
 import struct
 import time
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ JOURNAL_FILE = "quantscope_journal.json"
 CALIB_PREFIX = "calib-after-layer-"
 
 # The journal's layout version: a journal written by another layout is never trusted.
-_JOURNAL_VERSION = 1
+_JOURNAL_VERSION = 2
 
 # Files copied from the source folder as they are.
 _COPIED = (
@@ -48,6 +49,16 @@ def partial_dir(target: Path) -> Path:
 def shard_name(index: int, total: int) -> str:
     """Hugging Face shard naming, 0-based index: model-00001-of-00003.safetensors."""
     return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
+
+
+def file_crc32(path: Path) -> str:
+    """CRC-32 of a file as 8 hex digits: the shard checksum of the journal (damage from a crash or
+    a bad disk, not tampering, is what a resume has to detect; CRC-32 costs half of sha256)."""
+    crc = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            crc = zlib.crc32(block, crc)
+    return f"{crc:08x}"
 
 
 def file_sha256(path: Path) -> str:
@@ -148,7 +159,7 @@ def find_interrupted(out: str | os.PathLike) -> InterruptedJob | None:
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
     """Write a safetensors file streaming each tensor's bytes straight from its memory, and return
-    the file's sha256 (hashed from the same buffers, so the journal need not read it back).
+    the file's CRC-32 (`file_crc32`, taken from the same buffers, so the journal need not read it back).
     (safetensors.torch.save_file first copies every tensor into a bytes object, which doubles the
     memory of a 1 GB embedding shard.) Same format: little-endian u64 header length, JSON header
     padded with spaces to 8 bytes, then the tensors' data in header order."""
@@ -162,17 +173,17 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    digest = hashlib.sha256()
+    crc = 0
     with open(path, "wb") as f:
         for block in (struct.pack("<Q", len(raw)), raw):
             f.write(block)
-            digest.update(block)
+            crc = zlib.crc32(block, crc)
         for t in tensors.values():
             if t.numel():
                 data = memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
                 f.write(data)
-                digest.update(data)
-    return digest.hexdigest()
+                crc = zlib.crc32(data, crc)
+    return f"{crc:08x}"
 
 
 def _disk_full(path: Path, exc: OSError) -> OSError:
@@ -207,11 +218,12 @@ class OutputWriter:
         self.weight_map: dict[str, str] = {}
         self._journal: dict[str, Any] = {"version": _JOURNAL_VERSION, "fingerprint": fingerprint, "layers": {}}
         self._done = False
-        self._digests: dict[str, str] = {}  # shard name -> sha256 of the bytes written
-        # One background writer: a layer's shard is written (and journaled) while the next layer
-        # is quantized. At most one write is pending, so at most one extra layer of output is held.
+        self._digests: dict[str, str] = {}  # shard name -> CRC-32 of the bytes written
+        # One background writer: a layer's shard is written (and journaled) while the next layers
+        # are quantized. At most two writes are queued, so at most two layers of output are held
+        # (the queue absorbs the page cache's bursts instead of stalling the quantizer).
         self._pool: ThreadPoolExecutor | None = None
-        self._pending: Future | None = None
+        self._pending: list[Future] = []
         # Set by __enter__: why a resume started fresh, and whether a crashed run's folder was replaced.
         self.fresh_reason: str | None = None
         self.replaced_partial: InterruptedJob | None = None
@@ -261,7 +273,7 @@ class OutputWriter:
     def _file_problem(self, entry: Any) -> str | None:
         try:
             path = self.tmp / entry["file"]
-            size, digest = int(entry["size"]), entry["sha256"]
+            size, digest = int(entry["size"]), entry["crc32"]
         except (KeyError, TypeError, ValueError):
             return f"the journal in {self.tmp} is corrupted"
         if not path.is_file():
@@ -271,8 +283,8 @@ class OutputWriter:
         problem = safetensors_problem(path)
         if problem:
             return f"checkpoint {path.name} is damaged ({problem})"
-        if file_sha256(path) != digest:
-            return f"checkpoint {path.name} is damaged (its sha256 differs from the journal's)"
+        if file_crc32(path) != digest:
+            return f"checkpoint {path.name} is damaged (its checksum differs from the journal's)"
         return None
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -284,28 +296,45 @@ class OutputWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run fn(*args) on the background writer after the previous submission has finished;
-        an error of the previous one is raised here (or by `flush`)."""
-        self._wait(raise_errors=True)
+        """Run fn(*args) on the background writer, in submission order; waits while two are
+        queued. An error of an earlier submission is raised here (or by `flush`)."""
+        self._wait(raise_errors=True, keep=1)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantscope-writer")
-        self._pending = self._pool.submit(fn, *args)
+        self._pending.append(self._pool.submit(fn, *args))
 
     def flush(self) -> None:
         """Wait for the background writer; raise its error, if any."""
         self._wait(raise_errors=True)
 
-    def _wait(self, *, raise_errors: bool) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            try:
-                pending.result()
-            except BaseException:
-                if raise_errors:
-                    raise
-        if not raise_errors and self._pool is not None:
+    def _wait(self, *, raise_errors: bool, keep: int = 0) -> None:
+        """Wait until at most `keep` submissions are pending (a failed one is raised at once)."""
+        for future in [f for f in self._pending if f.done()]:
+            self._pending.remove(future)
+            self._result(future, raise_errors)
+        while len(self._pending) > keep:
+            self._result(self._pending.pop(0), raise_errors)
+        if not raise_errors and not self._pending and self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+
+    def _result(self, future: Future, raise_errors: bool) -> None:
+        try:
+            future.result()
+        except BaseException:
+            if raise_errors:
+                self._cancel_pending()
+                raise
+
+    def _cancel_pending(self) -> None:
+        for future in self._pending:
+            future.cancel()
+        for future in self._pending:
+            try:
+                future.result()
+            except BaseException:  # noqa: BLE001 - the first error is the one reported
+                pass
+        self._pending.clear()
 
     # -- writing ---------------------------------------------------------------------------
     def write_shard(self, index: int, tensors: dict[str, torch.Tensor]) -> str:
@@ -334,15 +363,15 @@ class OutputWriter:
         first, the journal then points at them and only then the previous ones are deleted, so a
         crash at any moment leaves a journal whose files all exist."""
         path = self.tmp / shard
-        digest = self._digests.pop(shard, None) or file_sha256(path)
-        entry = {"shard": shard, "file": shard, "size": path.stat().st_size, "sha256": digest, "metrics": metrics}
+        digest = self._digests.pop(shard, None) or file_crc32(path)
+        entry = {"shard": shard, "file": shard, "size": path.stat().st_size, "crc32": digest, "metrics": metrics}
         old = self._journal.get("calib")
         if calib is not None:
             name = f"{CALIB_PREFIX}{index:05d}.safetensors"
             cpath = self.tmp / name
             cdigest = self._write_tensors(cpath, calib)
             self._journal["calib"] = {"layer": index, "file": name, "size": cpath.stat().st_size,
-                                      "sha256": cdigest}
+                                      "crc32": cdigest}
         self._journal["layers"][str(index)] = entry
         self._journal["weight_map"] = self.weight_map
         self._write_json(self.tmp / JOURNAL_FILE, self._journal)

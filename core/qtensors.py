@@ -50,6 +50,9 @@ class IntWeight:
     g_idx: torch.Tensor | None = None
     dtype: torch.dtype = torch.float16
     act: ActQuant | None = None
+    # (Σ(w − x̂)², Σw²) against the weight it was rounded from, when measured while rounding
+    # (quantize_to_intweight(measure=True)); never stored in a checkpoint.
+    error_sums: tuple[float, float] | None = field(default=None, compare=False, repr=False)
 
     kind = "int"
 

@@ -82,15 +82,19 @@ def _has_act_order(q: IntWeight) -> bool:
     return not torch.equal(q.g_idx.long(), natural)
 
 
+def _args(bits: int, kind: str, sym: bool, strategy: str, group_size: int | None = None,
+          dynamic: bool = False) -> dict[str, Any]:
+    """One `QuantizationArgs` as compressed-tensors serialises it."""
+    return {"num_bits": bits, "type": kind, "symmetric": sym, "group_size": group_size, "strategy": strategy,
+            "dynamic": dynamic}
+
+
 def _int_args(bits: int, sym: bool, granularity: Granularity, group_size: int) -> dict[str, Any]:
-    args: dict[str, Any] = {"num_bits": bits, "type": "int", "symmetric": sym}
-    if granularity is Granularity.GROUP:
-        args.update(strategy="group", group_size=group_size)
-    elif granularity is Granularity.CHANNEL:
-        args.update(strategy="channel")
-    else:
-        args.update(strategy="tensor")
-    return args
+    if granularity is Granularity.GROUP and group_size > 0:
+        return _args(bits, "int", sym, "group", group_size)
+    if granularity is Granularity.TENSOR:
+        return _args(bits, "int", sym, "tensor")
+    return _args(bits, "int", sym, "channel")
 
 
 @register_exporter
@@ -168,8 +172,10 @@ class CompressedTensorsExporter:
         return out
 
     def quantization_config(self, method_config: Any, quantized: list[str], ignored: list[str]) -> dict:
-        from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
-
+        """The `quantization_config` of config.json, spelled out as compressed-tensors'
+        `QuantizationConfig.model_dump(mode="json")` writes it (a test checks that the library
+        parses it back to the same config). Built by hand so that writing it does not import the
+        library, which imports transformers: seconds of a streaming RTN run."""
         reason = self.accepts(method_config)
         if reason is not None:
             raise ValueError(f"compressed-tensors cannot store {method_config.method}: {reason}")
@@ -178,27 +184,30 @@ class CompressedTensorsExporter:
         if method == "fp8":
             fmt = FLOAT_QUANTIZED
             strategy = "channel" if Granularity(method_config.granularity) is Granularity.CHANNEL else "tensor"
-            weights = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy=strategy)
+            weights = _args(8, "float", True, strategy)
         elif method == "smoothquant":
             fmt = INT_QUANTIZED
-            weights = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel")
+            weights = _args(8, "int", True, "channel")
             if method_config.act_scheme == "dynamic":
-                inputs = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
+                inputs = _args(8, "int", True, "token", dynamic=True)
             else:
-                inputs = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="tensor", dynamic=False)
+                inputs = _args(8, "int", True, "tensor")
         else:
             fmt = PACK_QUANTIZED
-            weights = QuantizationArgs(**_int_args(method_config.bits, method_config.sym,
-                                                   Granularity(method_config.granularity),
-                                                   method_config.group_size))
-        scheme = QuantizationScheme(targets=["Linear"], weights=weights, input_activations=inputs, format=fmt)
-        config = QuantizationConfig(
-            config_groups={"group_0": scheme},
-            format=fmt,
-            quantization_status="compressed",
-            ignore=sorted(ignored),
-        )
-        return config.model_dump(mode="json")
+            weights = _int_args(method_config.bits, method_config.sym, Granularity(method_config.granularity),
+                                method_config.group_size)
+        scheme = {"targets": ["Linear"], "weights": weights, "input_activations": inputs,
+                  "output_activations": None, "format": fmt}
+        return {
+            "config_groups": {"group_0": scheme},
+            "quant_method": QUANT_METHOD,
+            "kv_cache_scheme": None,
+            "format": fmt,
+            "quantization_status": "compressed",
+            "global_compression_ratio": None,
+            "ignore": sorted(ignored),
+            "moe_sparsity_config": None,
+        }
 
     # --- reading -------------------------------------------------------------------------------
 

@@ -40,6 +40,8 @@ class RTNQuantizer:
     # The primitives read bf16/fp16 chunk by chunk with the same codes as a float32 copy, so the
     # engine hands the weights over as stored (no float32 copy of the layer).
     reads_source_dtype: ClassVar[bool] = True
+    # quantize_to_intweight refuses NaN/Inf from each group's range (no separate pass needed).
+    checks_finite: ClassVar[bool] = True
 
     def __init__(self, config: RTNConfig) -> None:
         self.config = config
@@ -59,6 +61,7 @@ class RTNQuantizer:
                 clip_search=cfg.clip_search,
                 dtype=dtype,
                 name=name,
+                measure=True,  # the engine's weight error comes from the same pass
             )
 
         return quantize_each_linear(ctx, quantize)

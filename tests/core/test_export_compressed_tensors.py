@@ -172,3 +172,29 @@ def test_quantization_config_round_trips_through_compressed_tensors_models():
         again = QuantizationConfig.model_validate(qc).model_dump(mode="json")
         assert again == qc
         assert qc["ignore"] == ["lm_head"] and qc["quantization_status"] == "compressed"
+
+
+@pytest.mark.parametrize("method", [
+    RTNConfig(bits=4, group_size=128), RTNConfig(bits=8, granularity="channel"), RTNConfig(bits=4, sym=True,
+                                                                                          granularity="tensor"),
+    RTNConfig(bits=2, group_size=64), FP8Config(), FP8Config(granularity="channel"),
+    SmoothQuantConfig(act_scheme="dynamic"), SmoothQuantConfig(act_scheme="static"),
+])
+def test_hand_built_quantization_config_is_what_the_library_writes(method) -> None:
+    """The config is spelled out without importing compressed-tensors; the library must read it
+    as the config its own classes build for the same settings."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    ours = get_exporter("compressed-tensors").quantization_config(method, ["model.layers.0.mlp.up_proj"],
+                                                                   ["lm_head", "model.layers.0.mlp.down_proj"])
+    parsed = QuantizationConfig.model_validate(ours)
+    group = ours["config_groups"]["group_0"]
+    expected = QuantizationConfig(
+        config_groups={"group_0": QuantizationScheme(
+            targets=["Linear"], weights=QuantizationArgs(**group["weights"]),
+            input_activations=QuantizationArgs(**group["input_activations"]) if group["input_activations"] else None,
+            format=ours["format"])},
+        format=ours["format"], quantization_status="compressed",
+        ignore=["lm_head", "model.layers.0.mlp.down_proj"],
+    )
+    assert parsed.model_dump(mode="json") == expected.model_dump(mode="json")

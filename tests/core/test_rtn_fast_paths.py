@@ -109,3 +109,21 @@ def test_finite_check_rejects_inf_and_accepts_large_finite(dtype: torch.dtype) -
     bad[10] = float("nan")
     with pytest.raises(ValueError, match=r"tensor x in model-00001\.safetensors contains 1 NaN/Inf"):
         _check_finite("x", bad, _Src())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_error_measured_while_rounding_equals_separate_error_pass(dtype: torch.dtype, small_chunks: None) -> None:
+    g = torch.Generator().manual_seed(7)
+    for (out, n_in), gs, bits, sym in itertools.product([(37, 256), (64, 576)], (64, 128, -1), (3, 4, 8),
+                                                        (True, False)):
+        w = (torch.randn(out, n_in, generator=g) * 0.02).to(dtype)
+        measured = P.quantize_to_intweight(w, bits, sym, "group", gs, measure=True)
+        plain = P.quantize_to_intweight(w, bits, sym, "group", gs)
+        assert plain.error_sums is None and torch.equal(measured.codes, plain.codes)
+        noise, signal = measured.error_sums
+        ref = weight_error(w.float(), plain.dequantize().float())
+        assert noise / out / n_in == pytest.approx(ref["mse"], rel=1e-4)
+        assert (noise / signal) ** 0.5 == pytest.approx(ref["rel_error"], rel=1e-4)
+        if n_in % (gs if gs > 0 else n_in) == 0:  # no ragged tail: the same float32 ops as the separate pass
+            assert (noise, signal) == P.affine_error_sums(w, plain.codes, plain.scale, plain.zero, plain.group_size)
+        assert layer_weight_error(w, measured) == pytest.approx(layer_weight_error(w, plain), rel=1e-5)
