@@ -542,7 +542,7 @@ def run_quantization(job: QuantJob, *, sink: Sink = null_sink, cancel: CancelTok
                     emit(Progress("quantize", done, n_linears, rec["name"]))
                 emit(Log("info", f"layer {i + 1}/{src.num_layers}: reused from the interrupted run"))
                 continue
-            layer_records, shard_tensors = _quantize_layer(
+            layer_records, shard = _quantize_layer(
                 i, prefix, src, layers[i], quantizer, exporter, job, calib, emit, cancel, done, n_linears,
                 ignored_names, reader.take(i, next_layer=next((j for j in range(i + 1, src.num_layers)
                                                                if j not in finished), None)),
@@ -550,9 +550,9 @@ def run_quantization(job: QuantJob, *, sink: Sink = null_sink, cancel: CancelTok
             done += len(layer_records)
             records.extend(layer_records)
             quantized_names.extend(r["name"] for r in layer_records)
-            writer.submit(_store_layer, writer, i, first_layer_shard + i, shard_tensors, layer_records,
+            writer.submit(_store_layer, writer, exporter, i, first_layer_shard + i, shard, layer_records,
                           {f"hidden.{j}": h for j, h in enumerate(calib.hidden)} if calib else None)
-            del shard_tensors
+            del shard
             layers[i].to("meta")  # free this layer's weights
             if os.environ.get(_TEST_DELAY_ENV):
                 time.sleep(float(os.environ[_TEST_DELAY_ENV]))
@@ -602,10 +602,35 @@ def _event_metrics(rec: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in rec.items() if k not in ("name", "layer", "index", "shape", "seconds")}
 
 
-def _store_layer(writer: OutputWriter, i: int, shard: int, tensors: dict[str, torch.Tensor],
+@dataclass
+class _LayerShard:
+    """A finished layer's output: its quantized linears in the exporter's layout and the layer's
+    other tensors as they will be stored."""
+
+    quantized: list[tuple[str, QuantizedWeight]] = field(default_factory=list)
+    rest: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    packed: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def pack(self, exporter: Any) -> None:
+        """Lay the quantized linears out in the exporter's tensors (frees the codes)."""
+        for full, q in self.quantized:
+            self.packed.update(exporter.tensors(full, q))
+        self.quantized.clear()
+
+    def tensors(self, exporter: Any) -> dict[str, torch.Tensor]:
+        self.pack(exporter)
+        out = dict(self.packed)
+        for name, t in self.rest.items():
+            out.setdefault(name, t)  # a layout may have written it already (e.g. a linear's bias)
+        return out
+
+
+def _store_layer(writer: OutputWriter, exporter: Any, i: int, index: int, shard: _LayerShard,
                  records: list[dict[str, Any]], calib: dict[str, torch.Tensor] | None) -> None:
-    """Write a finished layer's shard, then journal it (on the writer's background thread)."""
-    writer.record_layer(i, records, writer.write_shard(shard, tensors), calib=calib)
+    """Lay out, write and journal a finished layer's shard (on the writer's background thread)."""
+    tensors = shard.tensors(exporter)
+    writer.record_layer(i, records, writer.write_shard(index, tensors), calib=calib)
 
 
 def _warm_up(exporter: Any, method_config: Any) -> threading.Thread:
@@ -620,12 +645,15 @@ def _warm_up(exporter: Any, method_config: Any) -> threading.Thread:
     return thread
 
 
+# Tensors from this size are paged in by the layer reader.
+_TOUCH_MIN_BYTES = 1 << 20
+
+
 class _LayerReader:
     """Opens the next decoder layer's tensors (memory-mapped, nothing copied) on a background
-    thread while the current one is quantized: opening a shard and touching its first pages waits
-    on the disk (~60 ms a layer on the CI box), time the quantizer can use. (Reading the bytes
-    into memory there instead was slower: the copy competes with the quantizer for the two cores
-    while the quantizer's own page faults are spread over its two workers.)"""
+    thread while the current one is quantized, and touches one byte per page so that the disk
+    reads wait there. (Reading the bytes into memory of their own there instead was slower: the
+    copy competes with the quantizer for the two cores.)"""
 
     def __init__(self, src: ModelSource) -> None:
         self._src = src
@@ -643,7 +671,13 @@ class _LayerReader:
         return tensors
 
     def _load(self, i: int) -> dict[str, torch.Tensor]:
-        return self._src.load_tensors(self._src.layer_tensor_names(i))
+        tensors = self._src.load_tensors(self._src.layer_tensor_names(i))
+        for t in tensors.values():
+            if t.numel() * t.element_size() >= _TOUCH_MIN_BYTES:
+                # One byte per page: the disk reads happen on this thread, overlapped with the
+                # quantizer, instead of as page faults inside it (8B: 41 s instead of 48-51 s).
+                t.reshape(-1).view(torch.uint8)[::4096].max()
+        return tensors
 
 
 def _layer_from_headers(src: ModelSource, i: int) -> nn.Module:
@@ -694,9 +728,9 @@ def _quantize_layer(
     i: int, prefix: str, src: ModelSource, layer: nn.Module, quantizer: Any, exporter: Any, job: QuantJob,
     calib: _Calibration | None, emit: Sink, cancel: CancelToken | None, done: int, total: int,
     ignored: list[str], tensors: dict[str, torch.Tensor],
-) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
-    """Quantize decoder layer i from its tensors as stored; returns its records and the tensors of
-    its output shard."""
+) -> tuple[list[dict[str, Any]], _LayerShard]:
+    """Quantize decoder layer i from its tensors as stored; returns its records and what its
+    output shard will hold."""
     names = src.layer_tensor_names(i)
     # Methods that find NaN/Inf themselves while rounding (from each group's range) spare the
     # streaming run a separate pass over every weight; the engine then names the file (below).
@@ -778,7 +812,7 @@ def _quantize_layer(
         out_errors = probe.rel_errors()
 
     records: list[dict[str, Any]] = []
-    shard_tensors: dict[str, torch.Tensor] = {}
+    shard = _LayerShard()
     for rel, lin in linears.items():
         check_cancel(cancel)
         full = f"{prefix}{rel}"
@@ -796,18 +830,19 @@ def _quantize_layer(
         records.append(rec)
         emit(LayerDone(full, done + len(records) - 1, total, dict(metrics), seconds[rel]))
         emit(Progress("quantize", done + len(records), total, full))
-        for k, v in exporter.tensors(full, q).items():
-            shard_tensors[k] = v
-        quantized[rel] = None  # type: ignore[assignment]  # free as we go
+        shard.quantized.append((full, q))
+        quantized[rel] = None  # type: ignore[assignment]
+    # Packed here rather than on the writer thread: a third busy thread on two cores slows the
+    # quantizer's workers more than the packing costs.
+    shard.pack(exporter)
 
     # Everything else in the layer (norms, biases, skipped linears) in its stored dtype, taken from
     # the module so that scales folded in place by a method are kept.
     quantized_weights = {f"{rel}.weight" for rel in linears}
     for rel, t in layer.state_dict().items():
-        if rel in quantized_weights or f"{prefix}{rel}" in shard_tensors:
-            continue
-        shard_tensors[f"{prefix}{rel}"] = t.to(stored_dtype.get(rel, src.source_dtype))
-    return records, shard_tensors
+        if rel not in quantized_weights:
+            shard.rest[f"{prefix}{rel}"] = t.to(stored_dtype.get(rel, src.source_dtype))
+    return records, shard
 
 
 def job_fingerprint(job: QuantJob, src: ModelSource, export_name: str) -> str:

@@ -478,12 +478,16 @@ def _rtn_rows(
 
     parts = _over_row_chunks(out, n_in, chunk, scratches=3)
     if not bool(torch.isfinite(scale).all()):
-        # A NaN/Inf anywhere in a group makes its min or max, hence its scale, non-finite.
-        n_bad = int((~torch.isfinite(w)).sum())
-        raise ValueError(f"weight{_label(name)} contains {n_bad} NaN/Inf value(s); the checkpoint is damaged, "
-                         "re-download or repair it before quantizing")
+        _raise_non_finite(w, name)
     sums = (math.fsum(p[0] for p in parts), math.fsum(p[1] for p in parts)) if measure else None
     return scale, zero, codes, sums
+
+
+def _raise_non_finite(w: torch.Tensor, name: str | None) -> None:
+    # A NaN/Inf anywhere in a group makes its min or max, hence its scale, non-finite.
+    n_bad = int((~torch.isfinite(w)).sum())
+    raise ValueError(f"weight{_label(name)} contains {n_bad} NaN/Inf value(s); the checkpoint is damaged, "
+                     "re-download or repair it before quantizing")
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -504,6 +508,8 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 4 and n % 2 == 0 and sys.byteorder == "little" and c.is_contiguous() and c.storage_offset() % 2 == 0:
         # Each pair of codes read as one little-endian int16 v = lo + 256·hi: the byte of
         # v | (v >> 4) is lo | hi << 4. Two contiguous passes instead of strided ones (1.7× faster).
+        if c.dim() == 2 and c.numel() >= _CHUNK_ELEMS * 4:
+            return _pack4_rows(c)
         v = c.view(torch.int16)
         packed = v >> 4
         packed |= v
@@ -526,6 +532,23 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
             out[..., k] = (word >> (8 * k)) & 0xFF
         out = out.reshape(*lead, -1)
     return out[..., : math.ceil(n * bits / 8)].contiguous()
+
+
+def _pack4_rows(c: torch.Tensor) -> torch.Tensor:
+    """The int16 nibble packing of pack_codes for a large 2-D code matrix, by row chunks on the
+    two workers of _over_row_chunks (a streaming job packs every layer of a model)."""
+    rows, n = c.shape
+    out = torch.empty(rows, n // 2, dtype=torch.uint8)
+    v = c.view(torch.int16)
+
+    def chunk(r0: int, r1: int, scratch: torch.Tensor) -> None:
+        tmp = scratch.view(torch.int16)[: (r1 - r0) * (n // 2)].view(r1 - r0, n // 2)
+        torch.bitwise_right_shift(v[r0:r1], 4, out=tmp)
+        tmp.bitwise_or_(v[r0:r1])
+        out[r0:r1].copy_(tmp)
+
+    _over_row_chunks(rows, n, chunk)
+    return out
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
