@@ -610,7 +610,8 @@ def quantize_memory(model: Any, method: Any, calib: Any = None, *, device: str =
 
     The engine holds one decoder layer in float32 (plus the dequantized copy it uses to run the
     quantized layer forward), the calibration hidden states entering and leaving the layer
-    (samples × seq_len × hidden × 4 B each), GPTQ's fp32 Hessians (in_features² × 4 B per linear),
+    (samples × seq_len × hidden × 4 B each), GPTQ's fp32 Hessian of one linear group at a time
+    (with its working copies) and the activations its staged layer keeps,
     AWQ's cached linear inputs, and a model-size-independent process base. With device "cuda" the
     layer, Hessians and activations sit on the GPU and the CPU keeps the process and staging copy.
     calib: a core.config.CalibConfig (or anything with .samples and .seq_len); default 128 × 512.
@@ -649,13 +650,23 @@ def quantize_memory(model: Any, method: Any, calib: Any = None, *, device: str =
         formulas["embedding_stage"] = (f"{spec.vocab_size} vocab × {H} hidden × 4 B + the embedded calibration text "
                                        "(before the first layer; freed after)")
     if name == "gptq":
-        hess = 0
-        for t in lin:
-            experts = t.shape[0] if len(t.shape) == 3 else 1
-            hess += experts * t.in_features ** 2 * 4
+        # One group's Hessian at a time (freed before the next group's is collected); while it
+        # is solved, a working copy and the inverse's factor sit beside it (measured peak ≈ 3×).
+        hess = 3 * max(((t.shape[0] if len(t.shape) == 3 else 1) * t.in_features ** 2 * 4 for t in lin), default=0)
         parts["hessians"] = hess
-        formulas["hessians"] = "Σ linears of the layer: in_features² × 4 B (" + ", ".join(
-            sorted({f"{t.in_features}²" for t in lin})) + ")"
+        formulas["hessians"] = "3 × the largest in_features² × 4 B (Hessian, working copy, inverse factor; of " + \
+            ", ".join(sorted({f"{t.in_features}²" for t in lin})) + "; one linear group at a time)"
+        # The staged layer keeps o_proj's inputs, and down_proj's when they fit its budget.
+        tokens = samples * seq_len
+        q_dim = spec.num_heads * spec.head_dim
+        down_in = tokens * spec.intermediate_size * 4
+        kept = tokens * q_dim * 4 + (down_in if down_in <= 4 * GIB else 0)
+        parts["gptq_kept_activations"] = kept
+        formulas["gptq_kept_activations"] = (
+            f"{samples} × {seq_len} tokens × ({q_dim} attention out"
+            + (f" + {spec.intermediate_size} down_proj in" if down_in <= 4 * GIB else "")
+            + ") × 4 B (kept between the steps of the layer; down_proj's only when ≤ 4 GiB and a quarter of "
+              "free memory)")
     if name == "awq":
         q_dim = spec.num_heads * spec.head_dim
         cached = samples * seq_len * (2 * H + q_dim + spec.intermediate_size) * 4

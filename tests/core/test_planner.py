@@ -145,7 +145,10 @@ def test_quantize_memory_counts_hessians_and_calibration() -> None:
     calib = CalibConfig(samples=64, seq_len=256)
     gptq = planner.quantize_memory("llama-2-7b", "gptq", calib)
     rtn = planner.quantize_memory("llama-2-7b", "rtn", calib)
-    assert gptq["parts_gib"]["hessians"] == pytest.approx((6 * 4096**2 + 11008**2) * 4 / GIB, abs=1e-4)
+    # one linear group's Hessian at a time, with its working copy and inverse factor (3×)
+    assert gptq["parts_gib"]["hessians"] == pytest.approx(3 * 11008**2 * 4 / GIB, abs=1e-4)
+    # the staged layer keeps o_proj's and down_proj's inputs (64 × 256 tokens)
+    assert gptq["parts_gib"]["gptq_kept_activations"] == pytest.approx(64 * 256 * (4096 + 11008) * 4 / GIB, abs=1e-4)
     assert gptq["parts_gib"]["calibration_activations"] == pytest.approx(2 * 64 * 256 * 4096 * 4 / GIB, abs=1e-4)
     assert rtn["peak_cpu_gib"] < gptq["peak_cpu_gib"] and rtn["peak_gpu_gib"] == 0
     on_gpu = planner.quantize_memory("llama-2-7b", "gptq", calib, device="cuda")
