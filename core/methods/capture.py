@@ -7,6 +7,7 @@ holds for any decoder layout the engine can run (Llama, Mistral, Qwen2/3 …).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -155,6 +156,27 @@ def forward_with_hooks(
             h.remove()
 
 
+class TokenSample:
+    """About `tokens` random token positions of the calibration set, the same ones for every module
+    hooked during one pass (AWQ's MLP scoring, SmoothQuant's α search): drawn per batch, before its
+    forward (pass `before_batch` to `forward_with_hooks`), from a generator seeded with the layer
+    index, so a run is reproducible."""
+
+    def __init__(self, ctx: LayerContext, tokens: int) -> None:
+        self._gen = torch.Generator().manual_seed(ctx.index)
+        self.per_batch = max(1, math.ceil(tokens / max(len(ctx.inputs or []), 1)))
+        self._pick: torch.Tensor | None = None
+
+    def before_batch(self, batch: torch.Tensor) -> None:
+        self._pick = torch.randperm(batch.shape[0] * batch.shape[1], generator=self._gen)[:self.per_batch]
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """This batch's sampled rows of x [batch·seq, features] (a copy)."""
+        if self._pick is None:
+            raise RuntimeError("TokenSample.take before any batch: pass before_batch to forward_with_hooks")
+        return x[self._pick].clone()
+
+
 class StagedLayer:
     """A Llama-family decoder layer, h → h + attn(norm1(h)) → h₂ + mlp(norm2(h₂)), cut at the
     inputs of its linears so a true-sequential method can run each part once per batch and keep
@@ -229,43 +251,32 @@ class StagedLayer:
     def attn_input(self, x1: torch.Tensor) -> torch.Tensor:
         """The input of o_proj (the attention heads' output) for the normed hidden states x1."""
         self._check_seq(x1)
-        got: list[torch.Tensor] = []
-
-        def hook(_m: nn.Module, args: tuple) -> None:
-            got.append(args[0])
-            raise _StopForward
-
-        handle = self.o_proj.register_forward_pre_hook(hook)
-        try:
-            with torch.no_grad():
-                self.attn(hidden_states=x1, **self._attn_kwargs)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-        if not got:
-            raise RuntimeError("the attention block never reached o_proj")
-        return got[0]
+        return _input_of(self.o_proj, lambda: self.attn(hidden_states=x1, **self._attn_kwargs), "attention")
 
     def mlp_input(self, x2: torch.Tensor) -> torch.Tensor:
         """The input of down_proj (the gated product) for the normed hidden states x2."""
-        got: list[torch.Tensor] = []
+        return _input_of(self.down_proj, lambda: self.mlp(x2), "MLP")
 
-        def hook(_m: nn.Module, args: tuple) -> None:
-            got.append(args[0])
-            raise _StopForward
 
-        handle = self.down_proj.register_forward_pre_hook(hook)
-        try:
-            with torch.no_grad():
-                self.mlp(x2)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-        if not got:
-            raise RuntimeError("the MLP block never reached down_proj")
-        return got[0]
+def _input_of(target: nn.Module, run: Callable[[], object], block: str) -> torch.Tensor:
+    """What `target` receives when `run()` calls it; the rest of the block is skipped."""
+    got: list[torch.Tensor] = []
+
+    def hook(_m: nn.Module, args: tuple) -> None:
+        got.append(args[0])
+        raise _StopForward
+
+    handle = target.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            run()
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not got:
+        raise RuntimeError(f"the {block} block never reached its last linear")
+    return got[0]
 
 
 def _seq_len(kwargs: dict) -> int | None:
