@@ -442,18 +442,18 @@ _ACTIVATIONS: dict[tuple[str, int, int], dict[str, Any]] = {}
 
 def activation_absmax(*, path: Path, samples: int, seq_len: int, sink: Sink = null_sink,
                       cancel: CancelToken | None = None) -> dict[str, Any]:
+    """Per-input-channel activation max|x| of every linear (streamed layer by layer for a plain
+    folder, see core.outliers), cached for the last model."""
     key = (str(path), samples, seq_len)
     if key not in _ACTIVATIONS:
         from core import outliers
-        from core.calibration import calibration_batches
         from core.config import CalibConfig
-        from core.loader import load_model
 
         sink(StageStarted("calibrate", message=f"{samples} × {seq_len} tokens through {Path(path).name}"))
-        model, tokenizer = load_model(path)
-        batches = calibration_batches(tokenizer, CalibConfig(samples=samples, seq_len=seq_len))
+        stats = outliers.model_activation_absmax(path, CalibConfig(samples=samples, seq_len=seq_len),
+                                                 sink=sink, cancel=cancel)
         _ACTIVATIONS.clear()  # keep one model's statistics, not all of them
-        _ACTIVATIONS[key] = outliers.activation_absmax(model, batches, sink=sink, cancel=cancel)
+        _ACTIVATIONS[key] = stats
     return _ACTIVATIONS[key]
 
 

@@ -168,7 +168,7 @@ def _reset_kernel_peak() -> bool:
     return _kernel_peak() > 0
 
 
-def _release_freed_memory() -> None:
+def release_freed_memory() -> None:
     """Hand freed heap memory back to the OS. glibc keeps freed tensor buffers below its (growing)
     mmap threshold in the heap, so without this the RSS creeps up layer after layer."""
     global _malloc_trim
@@ -182,6 +182,7 @@ def _release_freed_memory() -> None:
 
 
 _malloc_trim: Any = None
+_release_freed_memory = release_freed_memory  # the spelling run_quantization uses
 
 
 def settings_dict(method_config: Any) -> dict[str, Any]:
@@ -333,7 +334,7 @@ def _validate_groups(src: ModelSource, job: QuantJob, export_name: str, emit: Si
                          f"{default_export(job.method)} cannot store that, so the export is {export_name}"))
 
 
-class _Calibration:
+class Calibration:
     """Hidden states entering the current layer, plus what a layer forward needs."""
 
     def __init__(self, hidden: list[torch.Tensor], rotary: nn.Module, seq_len: int) -> None:
@@ -364,7 +365,7 @@ class _Calibration:
 
 
 def _build_calibration(job: QuantJob, src: ModelSource, model: nn.Module, hf_config: Any,
-                       sink: Sink) -> _Calibration:
+                       sink: Sink) -> Calibration:
     from transformers import AutoTokenizer
 
     from core.calibration import calibration_batches
@@ -378,6 +379,15 @@ def _build_calibration(job: QuantJob, src: ModelSource, model: nn.Module, hf_con
     ids = calibration_batches(tokenizer, job.calib)
     if ids.dim() != 2 or ids.numel() == 0:
         raise ValueError(f"calibration produced no tokens from {job.calib.source}; use a longer text")
+    calib = embed_calibration(src, ids, model, hf_config)
+    sink(Log("info", f"calibration: {ids.shape[0]} samples x {ids.shape[1]} tokens"))
+    return calib
+
+
+def embed_calibration(src: ModelSource, ids: torch.Tensor, model: nn.Module, hf_config: Any) -> Calibration:
+    """Calibration token ids [samples, seq_len] embedded in float32 (batches of about
+    _CALIB_TOKENS_PER_BATCH tokens) as the hidden states entering decoder layer 0; `model` is the
+    meta model of `meta_model(src)`, whose rotary embedding class is used."""
     embed_name = "model.embed_tokens.weight"
     emb = src.load_tensors([embed_name])[embed_name]
     _check_finite(embed_name, emb, src)
@@ -387,11 +397,11 @@ def _build_calibration(job: QuantJob, src: ModelSource, model: nn.Module, hf_con
         hidden = [F.embedding(chunk, emb) for chunk in ids.split(per_batch)]
     del emb
     rotary = type(model.model.rotary_emb)(config=hf_config)
-    sink(Log("info", f"calibration: {ids.shape[0]} samples x {ids.shape[1]} tokens"))
-    return _Calibration(hidden, rotary.eval(), ids.shape[1])
+    return Calibration(hidden, rotary.eval(), ids.shape[1])
 
 
-def _meta_model(src: ModelSource) -> tuple[nn.Module, Any]:
+def meta_model(src: ModelSource) -> tuple[nn.Module, Any]:
+    """(the architecture on the meta device in float32 — no memory, no weights —, its HF config)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     hf_config = AutoConfig.from_pretrained(str(src.path), trust_remote_code=False)
@@ -401,8 +411,11 @@ def _meta_model(src: ModelSource) -> tuple[nn.Module, Any]:
     return model, hf_config
 
 
-def _materialise(layer: nn.Module, prefix: str, tensors: dict[str, torch.Tensor], src: ModelSource,
-                 as_float: bool = True) -> None:
+_meta_model = meta_model  # the spelling run_quantization uses
+
+
+def materialise(layer: nn.Module, prefix: str, tensors: dict[str, torch.Tensor], src: ModelSource,
+                as_float: bool = True) -> None:
     """Give a meta decoder layer its real weights on CPU: float32, one tensor converted at a time,
     or (as_float=False, for methods that read bf16/fp16 themselves) as stored."""
     expected = set(layer.state_dict().keys())
@@ -726,7 +739,7 @@ def _copy_tensors(writer: OutputWriter, shard: int, names: list[str], src: Model
 
 def _quantize_layer(
     i: int, prefix: str, src: ModelSource, layer: nn.Module, quantizer: Any, exporter: Any, job: QuantJob,
-    calib: _Calibration | None, emit: Sink, cancel: CancelToken | None, done: int, total: int,
+    calib: Calibration | None, emit: Sink, cancel: CancelToken | None, done: int, total: int,
     ignored: list[str], tensors: dict[str, torch.Tensor],
 ) -> tuple[list[dict[str, Any]], _LayerShard]:
     """Quantize decoder layer i from its tensors as stored; returns its records and what its
@@ -740,7 +753,7 @@ def _quantize_layer(
         if n not in self_checked:
             _check_finite(n, t, src)
     stored_dtype = {n[len(prefix):]: src.tensors[n].torch_dtype for n in names}
-    _materialise(layer, prefix, tensors, src, as_float=not getattr(quantizer, "reads_source_dtype", False))
+    materialise(layer, prefix, tensors, src, as_float=not getattr(quantizer, "reads_source_dtype", False))
     del tensors
 
     all_linears = _ordered_linears(layer)
@@ -885,7 +898,7 @@ def _calibrated_methods() -> tuple[str, ...]:
     return tuple(CALIBRATED_METHODS)
 
 
-def _resumable_layers(writer: OutputWriter, calib: _Calibration | None, num_layers: int,
+def _resumable_layers(writer: OutputWriter, calib: Calibration | None, num_layers: int,
                       emit: Sink) -> dict[int, dict[str, Any]]:
     """Finished layers a resume may reuse. Calibrated methods continue only after the longest run
     of finished layers from layer 0 whose propagated hidden states were saved, and take those

@@ -16,7 +16,8 @@ def register(subparsers: Any) -> None:
         description="Per linear layer: weight absmax per output and input channel, kurtosis, fraction of "
                     "weights beyond 3σ and 6σ; with --calib also activation absmax per channel over the "
                     "calibration text, the channels at or above the LLM.int8 threshold and the SmoothQuant "
-                    "scales. Works on plain and Quantscope-quantized folders (weights dequantized).",
+                    "scales. Works on plain folders (streamed one decoder layer at a time, so models larger than "
+                    "RAM work) and Quantscope-quantized folders (loaded whole, weights dequantized).",
     )
     p.add_argument("--model", required=True, type=Path, help="model folder (plain or quantized by Quantscope)")
     p.add_argument("--calib", default=None,
