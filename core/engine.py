@@ -182,7 +182,6 @@ def release_freed_memory() -> None:
 
 
 _malloc_trim: Any = None
-_release_freed_memory = release_freed_memory  # the spelling run_quantization uses
 
 
 def settings_dict(method_config: Any) -> dict[str, Any]:
@@ -411,8 +410,6 @@ def meta_model(src: ModelSource) -> tuple[nn.Module, Any]:
     return model, hf_config
 
 
-_meta_model = meta_model  # the spelling run_quantization uses
-
 
 def materialise(layer: nn.Module, prefix: str, tensors: dict[str, torch.Tensor], src: ModelSource,
                 as_float: bool = True) -> None:
@@ -501,7 +498,7 @@ def run_quantization(job: QuantJob, *, sink: Sink = null_sink, cancel: CancelTok
     # Calibrated methods run the real decoder layer; the others only need its linears, which the
     # headers describe, so they never import transformers' modeling code (seconds per run).
     if calibrated:
-        model, hf_config = _meta_model(src)
+        model, hf_config = meta_model(src)
         layers: Any = model.model.layers
     else:
         model = hf_config = None
@@ -569,7 +566,7 @@ def run_quantization(job: QuantJob, *, sink: Sink = null_sink, cancel: CancelTok
             layers[i].to("meta")  # free this layer's weights
             if os.environ.get(_TEST_DELAY_ENV):
                 time.sleep(float(os.environ[_TEST_DELAY_ENV]))
-            _release_freed_memory()
+            release_freed_memory()
             emit(MemorySample(rss.sample() / GIB))
             emit(Log("info", f"layer {i + 1}/{src.num_layers} done"))
         check_cancel(cancel)
