@@ -52,6 +52,8 @@ METHODS: dict[str, tuple[Any, str | None]] = {
     "NF4 (block 64)": (FourBitConfig(quant_type="nf4", blocksize=64), None),
     "SmoothQuant W8A8 dynamic": (SmoothQuantConfig(alpha=0.5, act_scheme="dynamic"), None),
     "SmoothQuant W8A8 static": (SmoothQuantConfig(alpha=0.5, act_scheme="static"), None),
+    "SmoothQuant W8A8 dynamic (α auto)": (SmoothQuantConfig(alpha="auto", act_scheme="dynamic"), None),
+    "SmoothQuant W8A8 static (α auto)": (SmoothQuantConfig(alpha="auto", act_scheme="static"), None),
     "LLM.int8 (threshold 6)": (LLMInt8Config(threshold=6.0), None),
 }
 

@@ -124,14 +124,21 @@ class AWQConfig:
 
 @dataclass(frozen=True)
 class SmoothQuantConfig:
-    alpha: float = 0.5
+    # Migration strength: a number in [0, 1] for every layer, or "auto" to search it per smoothing
+    # group (the α whose W8A8 output error is smallest on a calibration subsample).
+    alpha: float | str = 0.5
     act_scheme: str = "dynamic"  # "dynamic" (per-token, at inference) | "static" (per-tensor, calibrated)
 
     method = "smoothquant"
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be between 0 and 1, got {self.alpha}")
+        if isinstance(self.alpha, str):
+            if self.alpha != "auto":
+                raise ValueError(f"alpha must be a number between 0 and 1 or 'auto' (searched per layer), "
+                                 f"got {self.alpha!r}")
+        elif isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be a number between 0 and 1 (0.5 is the usual value) or 'auto', "
+                             f"got {self.alpha!r}")
         if self.act_scheme not in ("dynamic", "static"):
             raise ValueError(f"act_scheme must be 'dynamic' or 'static', got {self.act_scheme!r}")
 

@@ -148,6 +148,15 @@ class QuantizeView(QWidget):
         self.alpha.setRange(0.0, 1.0)
         self.alpha.setSingleStep(0.05)
         self.alpha.setValue(0.5)
+        self.alpha_auto = QCheckBox("auto (searched per layer)")
+        self.alpha_auto.setToolTip("Pick α per layer and input: the value whose W8A8 output error is smallest "
+                                   "on a calibration sample")
+        self.alpha_auto.toggled.connect(self.alpha.setDisabled)
+        alpha_row = QWidget()
+        alpha_layout = QHBoxLayout(alpha_row)
+        alpha_layout.setContentsMargins(0, 0, 0, 0)
+        alpha_layout.addWidget(self.alpha)
+        alpha_layout.addWidget(self.alpha_auto)
         self.act_scheme = QComboBox()
         self.act_scheme.addItem("dynamic (per token)", "dynamic")
         self.act_scheme.addItem("static (per tensor, calibrated)", "static")
@@ -164,7 +173,7 @@ class QuantizeView(QWidget):
             ("clip", "", self.clip), ("damp", "Damping", self.damp), ("act_order", "", self.act_order),
             ("grid", "α grid", self.grid), ("awq_clip", "", self.awq_clip), ("blocksize", "Block size", self.blocksize),
             ("double_quant", "", self.double_quant), ("fp8_fmt", "FP8 format", self.fp8_fmt),
-            ("fp8_granularity", "Scale", self.fp8_granularity), ("alpha", "α (migration)", self.alpha),
+            ("fp8_granularity", "Scale", self.fp8_granularity), ("alpha", "α (migration)", alpha_row),
             ("act_scheme", "Activations", self.act_scheme), ("threshold", "Outlier threshold", self.threshold),
         ):
             self.settings_form.addRow(label, widget)
@@ -341,7 +350,8 @@ class QuantizeView(QWidget):
         if m == "fp8":
             return FP8Config(fmt=self.fp8_fmt.currentText(), granularity=self.fp8_granularity.currentText())
         if m == "smoothquant":
-            return SmoothQuantConfig(alpha=self.alpha.value(), act_scheme=self.act_scheme.currentData())
+            alpha = "auto" if self.alpha_auto.isChecked() else self.alpha.value()
+            return SmoothQuantConfig(alpha=alpha, act_scheme=self.act_scheme.currentData())
         return LLMInt8Config(threshold=self.threshold.value())
 
     def build_calib(self) -> CalibConfig | None:

@@ -65,7 +65,8 @@ def register(subparsers: Any) -> None:
     g = p.add_argument_group("calibrated methods (gptq, awq, smoothquant, llm_int8)")
     g.add_argument("--damp", type=float, default=None, help="gptq dampening (0.01)")
     g.add_argument("--act-order", action="store_true", default=None, help="gptq: columns by decreasing Hessian diagonal")
-    g.add_argument("--alpha", type=float, default=None, help="smoothquant migration strength (0.5)")
+    g.add_argument("--alpha", default=None, metavar="A|auto",
+                   help="smoothquant migration strength, 0-1 (0.5), or 'auto' to search it per layer")
     g.add_argument("--act-scheme", choices=("dynamic", "static"), default=None, help="smoothquant activations")
     g.add_argument("--threshold", type=float, default=None, help="llm_int8 outlier threshold (6.0)")
     g.add_argument("--calib", default=None, help="'builtin' or a .txt/.jsonl file")
@@ -155,13 +156,22 @@ def method_config(args: argparse.Namespace) -> Any:
         return AWQConfig(**kw)
     if m == "smoothquant":
         if _given(args, "alpha"):
-            kw["alpha"] = args.alpha
+            kw["alpha"] = _alpha(args.alpha)
         if args.act_scheme:
             kw["act_scheme"] = args.act_scheme
         return SmoothQuantConfig(**kw)
     if _given(args, "threshold"):
         kw["threshold"] = args.threshold
     return LLMInt8Config(**kw)
+
+
+def _alpha(text: str) -> float | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(f"--alpha must be a number between 0 and 1 or 'auto', got {text!r}") from None
 
 
 def calib_config(args: argparse.Namespace) -> Any:

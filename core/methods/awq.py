@@ -30,7 +30,7 @@ from torch import nn
 from core.config import AWQConfig, Granularity
 from core.events import Log, check_cancel
 from core.methods.base import LayerContext, register
-from core.methods.capture import InputGroup, forward_with_hooks, layer_groups
+from core.methods.capture import InputGroup, TokenSample, forward_with_hooks, layer_groups
 from core.methods.folding import Producer, fold, producer_of
 from core.methods.rtn import source_dtype
 from core.primitives import CLIP_RATIOS, choose_qparams, dequantize_affine, quantize_affine, resolve_group_size
@@ -77,10 +77,7 @@ def _collect(ctx: LayerContext, groups: list[InputGroup]) -> dict[int, _Stats]:
         n_in = lin.in_features
         stats[gi] = _Stats(torch.zeros(n_in, dtype=torch.float64), torch.zeros(n_in, n_in, dtype=torch.float32))
         targets[lin] = gi
-    batches = ctx.inputs or []
-    gen = torch.Generator().manual_seed(ctx.index)
-    per_batch = max(1, math.ceil(SEARCH_TOKENS / max(len(batches), 1)))
-    pick: list[torch.Tensor] = []
+    sampler = TokenSample(ctx, SEARCH_TOKENS)
 
     def hook(module: nn.Module, args: tuple) -> None:
         st = stats[targets[module]]
@@ -88,14 +85,9 @@ def _collect(ctx: LayerContext, groups: list[InputGroup]) -> dict[int, _Stats]:
         st.abs_sum += x.abs().sum(dim=0, dtype=torch.float64)
         st.count += x.shape[0]
         st.gram.addmm_(x.t(), x)
-        st.sample.append(x[pick[0]].clone())
+        st.sample.append(sampler.take(x))
 
-    def choose_positions(batch: torch.Tensor) -> None:
-        # Drawn per batch, before its forward, so every group's hook samples the same tokens.
-        tokens = batch.shape[0] * batch.shape[1]
-        pick[:] = [torch.randperm(tokens, generator=gen)[:per_batch]]
-
-    forward_with_hooks(ctx, [(m, hook) for m in targets], before_batch=choose_positions)
+    forward_with_hooks(ctx, [(m, hook) for m in targets], before_batch=sampler.before_batch)
     for st in stats.values():
         st.sample = [torch.cat(st.sample)] if st.sample else []
     return stats

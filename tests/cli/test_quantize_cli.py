@@ -9,7 +9,16 @@ import pytest
 
 from core.cli import build_parser, main
 from core.cli.quantize import ProgressPrinter, calib_config, method_config
-from core.config import AWQConfig, FourBitConfig, FP8Config, GPTQConfig, Granularity, LLMInt8Config, RTNConfig
+from core.config import (
+    AWQConfig,
+    FourBitConfig,
+    FP8Config,
+    GPTQConfig,
+    Granularity,
+    LLMInt8Config,
+    RTNConfig,
+    SmoothQuantConfig,
+)
 from core.events import Progress, StageStarted
 
 
@@ -59,6 +68,10 @@ def test_options_build_the_right_method_configs() -> None:
         GPTQConfig(damp=0.05, act_order=True, block_size=64)
     assert method_config(_parse("--method", "awq")) == AWQConfig()  # AWQ keeps its asymmetric default
     assert method_config(_parse("--method", "llm_int8", "--threshold", "4")) == LLMInt8Config(threshold=4.0)
+    assert method_config(_parse("--method", "smoothquant")) == SmoothQuantConfig()
+    assert method_config(_parse("--method", "smoothquant", "--alpha", "0.8", "--act-scheme", "static")) == \
+        SmoothQuantConfig(alpha=0.8, act_scheme="static")
+    assert method_config(_parse("--method", "smoothquant", "--alpha", "auto")) == SmoothQuantConfig(alpha="auto")
     calib = calib_config(_parse("--method", "gptq", "--samples", "16", "--seq-len", "64", "--seed", "3"))
     assert (calib.samples, calib.seq_len, calib.seed, calib.source) == (16, 64, 3, "builtin")
     assert calib_config(_parse("--method", "rtn")) is None
@@ -72,6 +85,9 @@ def test_options_build_the_right_method_configs() -> None:
     (["--method", "rtn", "--group-size", "-1", "--granularity", "group"], "means per channel"),
     (["--method", "nf4", "--blocksize", "100"], "blocksize must be a power of two"),
     (["--method", "gptq", "--calib", "/no/such/file.txt"], "calibration file not found"),
+    (["--method", "smoothquant", "--alpha", "high"], "--alpha must be a number between 0 and 1 or 'auto'"),
+    (["--method", "smoothquant", "--alpha", "1.5"], "alpha must be a number between 0 and 1"),
+    (["--method", "rtn", "--alpha", "auto"], "--alpha does not apply to --method rtn"),
 ])
 def test_bad_options_exit_2_with_one_line(argv: list[str], message: str, tiny_llama_dir: Path, tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
@@ -92,3 +108,16 @@ def test_progress_printer_draws_a_line_based_bar() -> None:
     p(Progress("quantize", 4, 4, "d"))  # the last always passes
     assert buf.getvalue().splitlines() == [
         "quantize (2 decoder layers)", "quantize [##--------] 1/4 a", "quantize [##########] 4/4 d"]
+
+
+def test_smoothquant_alpha_auto_end_to_end(tiny_llama_dir: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "sq"
+    rc = main(["quantize", "--model", str(tiny_llama_dir), "--method", "smoothquant", "--alpha", "auto",
+               "--act-scheme", "static", "--samples", "2", "--seq-len", "32", "--out", str(out), "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert doc["settings"] == {"alpha": "auto", "act_scheme": "static"}
+    assert len(doc["layers"]) == 14 and all(0.0 <= layer["sq_alpha"] <= 1.0 for layer in doc["layers"])
+    report = json.loads((out / "quantscope_report.json").read_text())
+    assert report["settings"]["alpha"] == "auto"

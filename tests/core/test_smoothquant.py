@@ -7,7 +7,9 @@ import torch
 
 from core.config import Granularity, SmoothQuantConfig
 from core.methods import get_quantizer
-from core.methods.smoothquant import smooth_layer, smoothing_scales
+from core.events import Log
+from core.methods import smoothquant as sq
+from core.methods.smoothquant import ALPHA_GRID, smooth_layer, smoothing_scales
 from core.primitives import quantize_to_intweight
 from core.qtensors import ActQuant
 from layer_ctx import make_ctx, make_inputs, make_layer, quantized_forward
@@ -123,3 +125,150 @@ def test_smoothquant_on_qwen3_with_qk_norms(tiny_model_factory, tmp_path):
     model, tok = load_model(out)
     ref, _ = load_model(src)
     assert 0 <= evaluate_model(model, tok, seq_len=32, windows=2, reference=ref)["kl_divergence"] < 0.05
+
+
+# ---------------------------------------------------------------- α searched per group ("auto")
+
+GROUPS = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
+          "gate/up": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}
+
+
+def _linear_inputs(ctx) -> dict[str, torch.Tensor]:
+    """Every linear's input over all calibration batches [tokens, in], from the layer as it is now."""
+    got: dict[str, list[torch.Tensor]] = {n: [] for n in ctx.linears}
+    handles = [lin.register_forward_pre_hook(lambda _m, a, n=n: got[n].append(a[0].reshape(-1, a[0].shape[-1])))
+               for n, lin in ctx.linears.items()]
+    for x in ctx.inputs:
+        ctx.forward(x)
+    for h in handles:
+        h.remove()
+    return {n: torch.cat(v) for n, v in got.items()}
+
+
+def _group_objective(layer, inputs, cfg: SmoothQuantConfig) -> tuple[dict[str, float], dict]:
+    """Σ_readers ‖X Wᵀ − Q_a(X/s) Q_w(W·s)ᵀ‖² of each group, from what the quantizer really produced
+    (its int8 weights and activation quantizers, the folded layer's own inputs) on all tokens.
+    v_proj and up_proj also produce the next group's input, so their rows were divided by that
+    group's scales afterwards; each output channel is scaled back by the factor d that maps the
+    folded float output onto the original one (1 elsewhere)."""
+    float_ctx = make_ctx(copy.deepcopy(layer), inputs)
+    x, w = _linear_inputs(float_ctx), {n: lin.weight.detach().clone() for n, lin in float_ctx.linears.items()}
+    ctx = make_ctx(copy.deepcopy(layer), inputs)
+    q = get_quantizer(cfg).quantize_layer(ctx)
+    xs = _linear_inputs(ctx)
+    err = dict.fromkeys(GROUPS, 0.0)
+    for g, names in GROUPS.items():
+        for n in names:
+            ref = x[n] @ w[n].t()
+            folded = xs[n] @ ctx.linears[n].weight.detach().t()
+            d = (ref * folded).sum(dim=0) / folded.square().sum(dim=0)
+            approx = q[n].act.fake_quant(xs[n]) @ q[n].dequantize().t()
+            err[g] += float((ref - d * approx).square().sum())
+    return err, ctx.extra["metrics"]
+
+
+@pytest.mark.parametrize("scheme", ["dynamic", "static"])
+@pytest.mark.parametrize("seed", [1, 2])
+def test_auto_alpha_is_never_worse_than_half_on_the_objective_it_searches(scheme: str, seed: int):
+    layer = make_layer(seed=seed)
+    inputs = make_inputs(outliers=(2, 30, 50), scale=60.0, seed=seed)
+    half, _ = _group_objective(layer, inputs, SmoothQuantConfig(alpha=0.5, act_scheme=scheme))
+    auto, metrics = _group_objective(layer, inputs, SmoothQuantConfig(alpha="auto", act_scheme=scheme))
+    for g in GROUPS:
+        assert auto[g] <= half[g] * (1 + 1e-4), (g, auto[g], half[g])
+    assert sum(auto.values()) < 0.9 * sum(half.values())
+    assert all(m["sq_alpha"] in ALPHA_GRID for m in metrics.values())
+
+
+@pytest.mark.parametrize("scheme", ["dynamic", "static"])
+def test_the_search_scores_what_the_quantizer_then_produces(scheme: str, monkeypatch: pytest.MonkeyPatch):
+    # Here the sample holds every calibration token, so the error the search saw for an α is the
+    # error of the layer quantized with it.
+    scored: list[list[float]] = []
+    real = sq.alpha_errors
+
+    def spy(*args, **kw):
+        scored.append(real(*args, **kw))
+        return scored[-1]
+
+    layer, inputs = make_layer(seed=3), make_inputs(outliers=(4, 40), scale=50.0, seed=3)
+    half, _ = _group_objective(layer, inputs, SmoothQuantConfig(alpha=0.5, act_scheme=scheme))
+    monkeypatch.setattr(sq, "alpha_errors", spy)
+    auto, metrics = _group_objective(layer, inputs, SmoothQuantConfig(alpha="auto", act_scheme=scheme))
+    assert len(scored) == len(GROUPS)  # q/k/v, o, gate/up, down: one search each
+    for errors, (g, names) in zip(scored, GROUPS.items()):
+        assert errors[ALPHA_GRID.index(0.5)] == pytest.approx(half[g], rel=1e-3)
+        assert errors[ALPHA_GRID.index(metrics[names[0]]["sq_alpha"])] == pytest.approx(auto[g], rel=1e-3)
+        assert min(errors) == errors[ALPHA_GRID.index(metrics[names[0]]["sq_alpha"])]
+
+
+def test_static_search_takes_the_activation_scale_from_the_whole_calibration_set(monkeypatch: pytest.MonkeyPatch):
+    calls = []
+    real = sq.alpha_errors
+    monkeypatch.setattr(sq, "alpha_errors", lambda x, w, act_absmax, *a, **kw: calls.append((x, act_absmax))
+                        or real(x, w, act_absmax, *a, **kw))
+    monkeypatch.setattr(sq, "SEARCH_TOKENS", 16)
+    ctx = make_ctx(inputs=make_inputs(outliers=(5, 9), scale=40.0))
+    full = _linear_inputs(ctx)
+    get_quantizer(SmoothQuantConfig(alpha="auto", act_scheme="static")).quantize_layer(ctx)
+    x, act_absmax = calls[0]  # the q/k/v group
+    assert x.shape[0] == 16 < full["self_attn.q_proj"].shape[0]
+    torch.testing.assert_close(act_absmax, full["self_attn.q_proj"].abs().amax(dim=0))
+    assert (x.abs().amax(dim=0) <= act_absmax).all() and not torch.equal(x.abs().amax(dim=0), act_absmax)
+
+
+def test_auto_alpha_differs_between_groups_and_is_logged_per_layer():
+    ctx = make_ctx(make_layer(seed=1), make_inputs(outliers=(2, 30, 50), scale=60.0, seed=1))
+    events = []
+    ctx.sink = events.append
+    get_quantizer(SmoothQuantConfig(alpha="auto")).quantize_layer(ctx)
+    alphas = {n: m["sq_alpha"] for n, m in ctx.extra["metrics"].items()}
+    assert set(alphas) == set(ctx.linears)
+    # One α per smoothing group (readers of one tensor share it), not one for the whole layer.
+    for names in GROUPS.values():
+        assert len({alphas[n] for n in names}) == 1
+    assert len({alphas[names[0]] for names in GROUPS.values()}) > 1, alphas
+    logs = [e.message for e in events if isinstance(e, Log) and "α" in e.message]
+    assert len(logs) == 1 and "model.layers.0" in logs[0]
+    assert f"q/k/v {alphas['self_attn.q_proj']:.2f}" in logs[0] and f"down {alphas['mlp.down_proj']:.2f}" in logs[0]
+
+
+@pytest.mark.parametrize("scheme", ["dynamic", "static"])
+def test_auto_smoothing_preserves_the_float_function(scheme: str):
+    ctx = make_ctx(inputs=make_inputs(outliers=(5, 9), scale=40.0))
+    ref = [ctx.forward(x) for x in ctx.inputs]
+    norm_before = ctx.module.input_layernorm.weight.detach().clone()
+    smooth_layer(ctx, "auto", scheme)
+    for a, r in zip((ctx.forward(x) for x in ctx.inputs), ref):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(ctx.module.input_layernorm.weight, norm_before)  # scales really were folded
+
+
+@pytest.mark.parametrize("alpha", ["Auto", "best", "0.5", 1.5, -0.1, float("nan"), True, None])
+def test_config_refuses_alpha_outside_0_1_or_auto(alpha):
+    with pytest.raises(ValueError, match=r"alpha must be a number between 0 and 1.*'auto'"):
+        SmoothQuantConfig(alpha=alpha)
+
+
+def test_config_accepts_auto_and_numbers_in_range():
+    assert SmoothQuantConfig(alpha="auto").alpha == "auto"
+    assert SmoothQuantConfig(alpha=0).alpha == 0 and SmoothQuantConfig(alpha=1.0).alpha == 1.0
+
+
+def test_auto_alpha_end_to_end_reports_the_chosen_alpha_per_linear(tiny_llama_dir, tmp_path):
+    import json
+
+    from core.config import CalibConfig, QuantJob
+    from core.engine import run_quantization
+    from core.events import LayerDone
+
+    events = []
+    job = QuantJob(model=tiny_llama_dir, out=tmp_path / "sq", method=SmoothQuantConfig(alpha="auto"),
+                   calib=CalibConfig(samples=4, seq_len=32))
+    result = run_quantization(job, sink=events.append)
+    done = [e for e in events if isinstance(e, LayerDone)]
+    assert len(done) == 14 and all(e.metrics["sq_alpha"] in ALPHA_GRID for e in done)
+    report = json.loads((tmp_path / "sq" / "quantscope_report.json").read_text())
+    assert report["settings"]["alpha"] == "auto"
+    assert [r["sq_alpha"] for r in report["layers"]] == [e.metrics["sq_alpha"] for e in done]
+    assert all(r["output_rel_error"] < 0.05 for r in result.layers)
