@@ -443,18 +443,34 @@ _ACTIVATIONS: dict[tuple[str, int, int], dict[str, Any]] = {}
 def activation_absmax(*, path: Path, samples: int, seq_len: int, sink: Sink = null_sink,
                       cancel: CancelToken | None = None) -> dict[str, Any]:
     """Per-input-channel activation max|x| of every linear (streamed layer by layer for a plain
-    folder, see core.outliers), cached for the last model."""
+    folder, see core.outliers), cached for the last model. The calibration pass imports
+    transformers and runs forwards, so it runs in a job process as a quantization does
+    (app.jobproc): in a thread of the GUI process it held the GIL for long stretches."""
     key = (str(path), samples, seq_len)
     if key not in _ACTIVATIONS:
-        from core import outliers
-        from core.config import CalibConfig
+        import torch
+
+        from app.jobproc import run_in_child
 
         sink(StageStarted("calibrate", message=f"{samples} × {seq_len} tokens through {Path(path).name}"))
-        stats = outliers.model_activation_absmax(path, CalibConfig(samples=samples, seq_len=seq_len),
-                                                 sink=sink, cancel=cancel)
+        arrays = run_in_child(activation_absmax_here, {"path": Path(path), "samples": samples, "seq_len": seq_len},
+                              sink=sink, cancel=cancel)
         _ACTIVATIONS.clear()  # keep one model's statistics, not all of them
-        _ACTIVATIONS[key] = stats
+        _ACTIVATIONS[key] = {name: torch.from_numpy(a) for name, a in arrays.items()}
     return _ACTIVATIONS[key]
+
+
+def activation_absmax_here(*, path: Path, samples: int, seq_len: int, sink: Sink = null_sink,
+                           cancel: CancelToken | None = None) -> dict[str, Any]:
+    """The calibration pass of `activation_absmax` in this process (what its job process runs):
+    {linear: float32 numpy array}. Arrays, not tensors, cross the pipe: torch's pickling of a
+    tensor between processes goes through shared memory that dies with the sender."""
+    from core import outliers
+    from core.config import CalibConfig
+
+    stats = outliers.model_activation_absmax(path, CalibConfig(samples=samples, seq_len=seq_len),
+                                             sink=sink, cancel=cancel)
+    return {name: t.detach().float().numpy() for name, t in stats.items()}
 
 
 def activation_detail(

@@ -207,3 +207,29 @@ def test_a_failing_sink_stops_the_job_instead_of_leaving_it_running(tmp_path: Pa
         run_in_child(child_jobs.wait_for_cancel, {"ready": str(ready)}, sink=broken_sink)
     assert time.monotonic() - t0 < 4.0  # cancelled, not waited out and killed
     assert job_processes() == []
+
+
+def test_the_inspectors_calibration_pass_runs_in_a_job_process_and_is_cached(tiny_llama_dir: Path) -> None:
+    """The Inspect tab's activation statistics import transformers and run forwards: in a job
+    process, like a quantization; the GUI process keeps the arrays for later clicks."""
+    import torch
+
+    from app import backend
+    from core import outliers
+    from core.config import CalibConfig
+
+    backend._ACTIVATIONS.clear()
+    events: list[Any] = []
+    got = backend.activation_absmax(path=tiny_llama_dir, samples=2, seq_len=32, sink=events.append)
+    pids = [int(e.message.rsplit(" ", 1)[1]) for e in events
+            if isinstance(e, Log) and e.message.startswith("running in job process ")]
+    assert len(pids) == 1 and pids[0] != os.getpid()
+    here = outliers.model_activation_absmax(tiny_llama_dir, CalibConfig(samples=2, seq_len=32))
+    assert set(got) == set(here) and len(got) == 15  # 2 layers × 7 linears, lm_head
+    for name, t in here.items():
+        assert got[name].dtype == torch.float32
+        assert torch.equal(got[name], t.float()), name
+    again: list[Any] = []
+    assert backend.activation_absmax(path=tiny_llama_dir, samples=2, seq_len=32, sink=again.append) is got
+    assert again == []  # served from the cache: no second job process
+    backend._ACTIVATIONS.clear()
