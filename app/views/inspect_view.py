@@ -66,7 +66,11 @@ class InspectView(QWidget):
         self.heat.addItem(self.heat_image)
         self.heat_bar = pg.ColorBarItem(colorMap=pg.colormap.get("viridis"), interactive=False, width=12)
         self.heat_bar.setImageItem(self.heat_image, insert_in=self.heat.getPlotItem())
-        self.heat.getPlotItem().getAxis("bottom").setTicks([[(i + 0.5, t) for i, t in enumerate(HEAT_TYPES)]])
+        bottom = self.heat.getPlotItem().getAxis("bottom")
+        bottom.setTicks([[(i + 0.5, t) for i, t in enumerate(HEAT_TYPES)]])
+        # The last column's label ("down") is wider than half a column: let it reach past the
+        # axis end instead of being dropped.
+        bottom.setStyle(hideOverlappingLabels=False)
         self.heat.scene().sigMouseClicked.connect(self._heat_clicked)
         self.heat.setMinimumHeight(240)
         self.overview_progress = QProgressBar()

@@ -245,6 +245,31 @@ def test_theme_switch_restyles_the_app(window: Any) -> None:
     assert "#0d1117" not in QApplication.instance().styleSheet()
 
 
+def test_heatmap_axis_labels_every_module_type(window: Any, qtbot: Any, tiny_llama_dir: Path) -> None:
+    """The last column's label ("down") is wider than half a column; pyqtgraph drops such a
+    label at the axis end unless told not to."""
+    from PySide6.QtGui import QImage, QPainter
+
+    from app.views.inspect_view import HEAT_TYPES
+
+    view = window.inspect_view
+    window.resize(1440, 900)
+    window.show()
+    window.tabs.setCurrentWidget(view)
+    with qtbot.waitSignal(view.overview_runner.finished, timeout=60000):
+        window.open_model_folder(tiny_llama_dir)
+    qtbot.wait(50)
+    axis = view.heat.getPlotItem().getAxis("bottom")
+    image = QImage(10, 10, QImage.Format.Format_ARGB32)
+    painter = QPainter(image)
+    try:
+        specs = axis.generateDrawSpecs(painter)
+    finally:
+        painter.end()
+    drawn = [text for _rect, _flags, text in specs[2]]
+    assert drawn == list(HEAT_TYPES)
+
+
 def test_inspector_shows_histogram_heatmap_and_activation_outliers(
         window: Any, qtbot: Any, tiny_llama_dir: Path) -> None:
     import numpy as np
