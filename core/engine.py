@@ -560,7 +560,7 @@ def run_quantization(job: QuantJob, *, sink: Sink = null_sink, cancel: CancelTok
             done += len(layer_records)
             records.extend(layer_records)
             quantized_names.extend(r["name"] for r in layer_records)
-            writer.submit(_store_layer, writer, exporter, i, first_layer_shard + i, shard, layer_records,
+            writer.submit(_store_layer, writer, i, first_layer_shard + i, shard, layer_records,
                           {f"hidden.{j}": h for j, h in enumerate(calib.hidden)} if calib else None)
             del shard
             layers[i].to("meta")  # free this layer's weights
@@ -614,33 +614,23 @@ def _event_metrics(rec: dict[str, Any]) -> dict[str, float]:
 
 @dataclass
 class _LayerShard:
-    """A finished layer's output: its quantized linears in the exporter's layout and the layer's
-    other tensors as they will be stored."""
-
-    quantized: list[tuple[str, QuantizedWeight]] = field(default_factory=list)
-    rest: dict[str, torch.Tensor] = field(default_factory=dict)
+    """A finished layer's output: its quantized linears already in the exporter's layout and the
+    layer's other tensors as they will be stored."""
 
     packed: dict[str, torch.Tensor] = field(default_factory=dict)
+    rest: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def pack(self, exporter: Any) -> None:
-        """Lay the quantized linears out in the exporter's tensors (frees the codes)."""
-        for full, q in self.quantized:
-            self.packed.update(exporter.tensors(full, q))
-        self.quantized.clear()
-
-    def tensors(self, exporter: Any) -> dict[str, torch.Tensor]:
-        self.pack(exporter)
+    def tensors(self) -> dict[str, torch.Tensor]:
         out = dict(self.packed)
         for name, t in self.rest.items():
             out.setdefault(name, t)  # a layout may have written it already (e.g. a linear's bias)
         return out
 
 
-def _store_layer(writer: OutputWriter, exporter: Any, i: int, index: int, shard: _LayerShard,
+def _store_layer(writer: OutputWriter, i: int, index: int, shard: _LayerShard,
                  records: list[dict[str, Any]], calib: dict[str, torch.Tensor] | None) -> None:
-    """Lay out, write and journal a finished layer's shard (on the writer's background thread)."""
-    tensors = shard.tensors(exporter)
-    writer.record_layer(i, records, writer.write_shard(index, tensors), calib=calib)
+    """Write and journal a finished layer's shard (on the writer's background thread)."""
+    writer.record_layer(i, records, writer.write_shard(index, shard.tensors()), calib=calib)
 
 
 def _warm_up(exporter: Any, method_config: Any) -> threading.Thread:
@@ -840,11 +830,10 @@ def _quantize_layer(
         records.append(rec)
         emit(LayerDone(full, done + len(records) - 1, total, dict(metrics), seconds[rel]))
         emit(Progress("quantize", done + len(records), total, full))
-        shard.quantized.append((full, q))
+        # Packed here rather than on the writer thread: a third busy thread on two cores slows the
+        # quantizer's workers more than the packing costs. Packing as we go frees each linear's codes.
+        shard.packed.update(exporter.tensors(full, q))
         quantized[rel] = None  # type: ignore[assignment]
-    # Packed here rather than on the writer thread: a third busy thread on two cores slows the
-    # quantizer's workers more than the packing costs.
-    shard.pack(exporter)
 
     # Everything else in the layer (norms, biases, skipped linears) in its stored dtype, taken from
     # the module so that scales folded in place by a method are kept.
