@@ -179,9 +179,7 @@ def choose_qparams(
     # A NaN/Inf anywhere in a group makes its min or max non-finite: the only full-tensor finite
     # check this weight needs.
     if not (bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())):
-        n_bad = int((~torch.isfinite(w)).sum())
-        raise ValueError(f"weight{_label(name)} contains {n_bad} NaN/Inf value(s); the checkpoint is damaged, "
-                         "re-download or repair it before quantizing")
+        _raise_non_finite(w, name)
     lo = lo.clamp_(max=0)
     hi = hi.clamp_(min=0)
     scale, zero = _qparams_from_range(lo, hi, bits, sym)
