@@ -80,6 +80,12 @@ class FP8Config:
             raise ValueError("FP8 supports granularity 'tensor' or 'channel', not 'group'")
 
 
+# Bytes of down_proj inputs GPTQ's staged layer may keep for the layer's final output (else it
+# re-runs gate/up): at most this, and at most a quarter of the available memory. The planner's
+# GPTQ memory estimate uses the same limit.
+GPTQ_KEEP_MAX_BYTES = 4 << 30
+
+
 @dataclass(frozen=True)
 class GPTQConfig:
     bits: int = 4

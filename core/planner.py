@@ -21,6 +21,7 @@ from typing import Any
 
 from core import catalog
 from core.catalog import GPUSpec
+from core.config import GPTQ_KEEP_MAX_BYTES
 from core.formats import DEFAULT_PLAN_FORMATS, Format, Kind, Support, get_format, gguf_tensor_type, gguf_type_bpw, support
 from core.param_count import ModelSpec, TensorSpec, classify, describe, from_config, text_config
 
@@ -660,11 +661,12 @@ def quantize_memory(model: Any, method: Any, calib: Any = None, *, device: str =
         tokens = samples * seq_len
         q_dim = spec.num_heads * spec.head_dim
         down_in = tokens * spec.intermediate_size * 4
-        kept = tokens * q_dim * 4 + (down_in if down_in <= 4 * GIB else 0)
+        keeps_down = down_in <= GPTQ_KEEP_MAX_BYTES
+        kept = tokens * q_dim * 4 + (down_in if keeps_down else 0)
         parts["gptq_kept_activations"] = kept
         formulas["gptq_kept_activations"] = (
             f"{samples} × {seq_len} tokens × ({q_dim} attention out"
-            + (f" + {spec.intermediate_size} down_proj in" if down_in <= 4 * GIB else "")
+            + (f" + {spec.intermediate_size} down_proj in" if keeps_down else "")
             + ") × 4 B (kept between the steps of the layer; down_proj's only when ≤ 4 GiB and a quarter of "
               "free memory)")
     if name == "awq":

@@ -23,7 +23,7 @@ from typing import Iterator
 
 import torch
 
-from core.config import GPTQConfig, Granularity
+from core.config import GPTQ_KEEP_MAX_BYTES, GPTQConfig, Granularity
 from core.events import CancelToken, Log, Progress, Sink, check_cancel, null_sink
 from core.methods.base import LayerContext, register
 from core.methods.capture import StagedLayer, capture_group_inputs, input_groups
@@ -416,15 +416,10 @@ class GPTQQuantizer:
                 metrics.setdefault(n, {}).update({"gptq_loss": loss, "damp": res.damp})
 
 
-# Bytes of down_proj inputs the staged path may keep for the layer's final output (else it
-# re-runs gate/up): a quarter of the available memory, at most 4 GiB.
-_KEEP_MAX_BYTES = 4 << 30
-
-
 def _fits_budget(nbytes: int) -> bool:
     import psutil
 
-    return nbytes <= min(_KEEP_MAX_BYTES, psutil.virtual_memory().available // 4)
+    return nbytes <= min(GPTQ_KEEP_MAX_BYTES, psutil.virtual_memory().available // 4)
 
 
 def _checked(ctx: LayerContext, items: list[torch.Tensor]) -> Iterator[torch.Tensor]:
