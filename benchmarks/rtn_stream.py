@@ -1,14 +1,16 @@
 """Streaming RTN benchmark: throughput and peak memory of `run_quantization` on a synthetic
 Llama-architecture model, against the raw read speed of the same files.
 
-    python benchmarks/rtn_stream.py --params 1b [--workdir DIR] [--cache cold|warm] [--keep-output]
+    python benchmarks/rtn_stream.py --params 1b [--rounds N] [--workdir DIR] [--cache cold|warm] [--keep-output]
 
 The model (bf16 random weights, one shard per decoder layer) is generated once, tensor by tensor,
 so generation never holds more than one layer, and cached under the user cache directory (or
 --workdir). The quantization (RTN INT4, group 128, symmetric, compressed-tensors layout) runs in
 a child process so its peak RSS (ru_maxrss) is not polluted by the generation. With --cache cold
 (default) each file is evicted from the page cache (posix_fadvise DONTNEED) before both the raw
-read and the quantization, so both measure the same thing.
+read and the quantization, so both measure the same thing. Each round reads the files raw, then
+quantizes, then reads them raw again: the disk of a VM can change speed within minutes, so the
+quantization is compared with the reads on both sides of it.
 """
 from __future__ import annotations
 
@@ -136,11 +138,41 @@ def quantize_child(model: Path, out: Path) -> None:
                       "mean_rel_error": sum(x["rel_error"] for x in r.layers) / len(r.layers)}))
 
 
+def _quantize(model: Path, out: Path) -> dict:
+    child = subprocess.run([sys.executable, __file__, "--child", str(model), str(out)], capture_output=True,
+                           text=True, cwd=Path(__file__).resolve().parent.parent)
+    if child.returncode != 0:
+        sys.stderr.write(child.stderr)
+        raise SystemExit(child.returncode)
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def _round(model: Path, out: Path, cold: bool) -> dict:
+    """raw read, quantize, raw read again: this VM's disk speed drifts within minutes, so each
+    quantization is compared with the reads on either side of it."""
+    reads = []
+    for when in ("before", "after"):
+        if when == "after":
+            if cold:
+                evict(model)
+            else:
+                raw_read(model)  # the quantization sees the same warm cache
+            q = _quantize(model, out)
+        if cold:
+            evict(model)
+        nbytes, read_s = raw_read(model)
+        reads.append(nbytes / read_s / 1e9)
+    q["raw_before_gbs"], q["raw_after_gbs"] = reads
+    q["nbytes"] = nbytes
+    return q
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", choices=sorted(PRESETS), default="1b")
     p.add_argument("--workdir", type=Path, default=None, help=f"where models are cached (default {_cache_root()})")
     p.add_argument("--cache", choices=("cold", "warm"), default="cold")
+    p.add_argument("--rounds", type=int, default=1, help="raw read / quantize / raw read rounds (default 1)")
     p.add_argument("--keep-output", action="store_true")
     p.add_argument("--child", nargs=2, metavar=("MODEL", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -151,40 +183,26 @@ def main() -> int:
     root = args.workdir or _cache_root()
     model = generate(root / f"llama-{args.params}-bf16", args.params)
     out = root / f"llama-{args.params}-rtn-int4-g128"
-    n_params = sum(f.stat().st_size for f in _weight_files(model)) / 2  # bf16
-
-    if args.cache == "cold":
-        evict(model)
-    nbytes, read_s = raw_read(model)
-    if args.cache == "cold":
-        evict(model)
-    else:
-        raw_read(model)  # make sure the quantization sees the same warm cache
-    child = subprocess.run([sys.executable, __file__, "--child", str(model), str(out)], capture_output=True,
-                           text=True, cwd=Path(__file__).resolve().parent.parent)
-    if child.returncode != 0:
-        sys.stderr.write(child.stderr)
-        return child.returncode
-    q = json.loads(child.stdout.strip().splitlines()[-1])
-    if not args.keep_output:
-        shutil.rmtree(out, ignore_errors=True)
-
-    raw_gbs = nbytes / read_s / 1e9
-    src_gbs = nbytes / q["seconds"] / 1e9
-    rows = [
-        ("model", f"llama {args.params} ({n_params / 1e9:.2f} B params, bf16, {nbytes / GIB:.2f} GiB)"),
-        ("cache", args.cache),
-        ("torch threads", str(torch.get_num_threads())),
-        ("raw read", f"{raw_gbs:.3f} GB/s ({read_s:.1f} s)"),
-        ("quantize RTN int4 g128", f"{q['seconds']:.1f} s"),
-        ("source throughput", f"{src_gbs:.3f} GB/s ({src_gbs / raw_gbs:.2f} x raw read)"),
-        ("peak RSS (sampled)", f"{q['peak_rss_gib']:.2f} GiB"),
-        ("peak RSS (ru_maxrss)", f"{q['maxrss_gib']:.2f} GiB"),
-        ("output", f"{q['output_gib']:.2f} GiB, mean rel error {q['mean_rel_error']:.4f}"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
+    nbytes = sum(f.stat().st_size for f in _weight_files(model))
+    print(f"model: llama {args.params} ({nbytes / 2 / 1e9:.2f} B params, bf16, {nbytes / GIB:.2f} GiB); "
+          f"cache {args.cache}; torch threads {torch.get_num_threads()}")
+    header = ("round", "raw read before", "quantize", "source GB/s", "raw read after", "x raw (before/after)",
+              "peak RSS", "ru_maxrss")
+    rows = []
+    for i in range(args.rounds):
+        q = _round(model, out, args.cache == "cold")
+        src_gbs = q["nbytes"] / q["seconds"] / 1e9
+        rows.append((str(i + 1), f"{q['raw_before_gbs']:.3f} GB/s", f"{q['seconds']:.1f} s", f"{src_gbs:.3f}",
+                     f"{q['raw_after_gbs']:.3f} GB/s",
+                     f"{src_gbs / q['raw_before_gbs']:.2f} / {src_gbs / q['raw_after_gbs']:.2f}",
+                     f"{q['peak_rss_gib']:.2f} GiB", f"{q['maxrss_gib']:.2f} GiB"))
+        if not args.keep_output:
+            shutil.rmtree(out, ignore_errors=True)
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+    for r in [header, *rows]:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    print(f"output {q['output_gib']:.2f} GiB, mean rel error {q['mean_rel_error']:.4f} "
+          f"(RTN int4 g128 symmetric, compressed-tensors)")
     return 0
 
 

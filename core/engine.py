@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core import buffers, native
 from core.config import Granularity, QuantJob
 from core.events import (
     CancelToken,
@@ -279,6 +280,17 @@ def dequantize_weight(q: QuantizedWeight) -> torch.Tensor:
 def _check_finite(name: str, t: torch.Tensor, src: ModelSource) -> None:
     if not t.is_floating_point():
         return
+    n_bad = native.count_non_finite(t)  # from the bit patterns, one native pass
+    if n_bad is None:
+        n_bad = _count_non_finite_torch(t)
+    if n_bad:
+        raise ValueError(
+            f"tensor {name} in {src.tensors[name].file} contains {n_bad} NaN/Inf value(s); "
+            "the checkpoint is damaged, re-download or repair it before quantizing"
+        )
+
+
+def _count_non_finite_torch(t: torch.Tensor) -> int:
     # A cheap sum per chunk first (chunked so a 1 GB embedding never gets a float32 copy); the
     # exact elementwise test only when a sum is not finite. The sum stays in the tensor's dtype:
     # torch accumulates bf16/fp16 in float32 internally, and asking for dtype=float32 instead
@@ -288,13 +300,8 @@ def _check_finite(name: str, t: torch.Tensor, src: ModelSource) -> None:
     step = 1 << 24
     acc = torch.float32 if t.element_size() == 1 else None
     if all(bool(torch.isfinite(flat[i:i + step].sum(dtype=acc))) for i in range(0, flat.numel(), step)):
-        return
-    n_bad = int((~torch.isfinite(t.float() if acc is not None else t)).sum())
-    if n_bad:
-        raise ValueError(
-            f"tensor {name} in {src.tensors[name].file} contains {n_bad} NaN/Inf value(s); "
-            "the checkpoint is damaged, re-download or repair it before quantizing"
-        )
+        return 0
+    return int((~torch.isfinite(t.float() if acc is not None else t)).sum())
 
 
 def _linear_widths(src: ModelSource, skip: tuple[str, ...]) -> dict[str, int]:
@@ -476,6 +483,13 @@ def run_quantization(job: QuantJob, *, sink: Sink = null_sink, cancel: CancelTok
     """Quantize `job.model` into `job.out` layer by layer (see module docstring). Emits events to
     `sink` on this thread; `cancel` is checked between linears and layers. On cancellation or
     any error the partial output is removed and the exception propagates."""
+    try:
+        return _run_quantization(job, sink, cancel)
+    finally:
+        buffers.pool.clear()  # the layers' reusable buffers are not needed after the job
+
+
+def _run_quantization(job: QuantJob, sink: Sink, cancel: CancelToken | None) -> QuantResult:
     t_start = time.perf_counter()
     emit = ThrottledSink(sink)
     src = open_model(job.model)
@@ -513,7 +527,7 @@ def run_quantization(job: QuantJob, *, sink: Sink = null_sink, cancel: CancelTok
     # The layout's config classes (compressed-tensors imports transformers: ~2 s) load in the
     # background while layers stream. Only when nothing else imports transformers meanwhile: its
     # lazy module is not safe to import from two threads at once.
-    warm = None if calibrated else _warm_up(exporter, job.method)
+    warm = None if calibrated else _warm_up(exporter, job.method, src.source_dtype)
     done = 0
     settings = settings_dict(job.method)
 
@@ -530,6 +544,8 @@ def run_quantization(job: QuantJob, *, sink: Sink = null_sink, cancel: CancelTok
                                 num_layers=src.num_layers)
         if stem:
             writer.submit(_copy_tensors, writer, 0, stem, src)
+        if head:
+            _prefetch(src, head)
         calib = _build_calibration(job, src, model, hf_config, emit) if calibrated else None
         finished = _resumable_layers(writer, calib, src.num_layers, emit) if job.resume else {}
         if finished:
@@ -633,12 +649,15 @@ def _store_layer(writer: OutputWriter, i: int, index: int, shard: _LayerShard,
     writer.record_layer(i, records, writer.write_shard(index, shard.tensors()), calib=calib)
 
 
-def _warm_up(exporter: Any, method_config: Any) -> threading.Thread:
+def _warm_up(exporter: Any, method_config: Any, dtype: torch.dtype) -> threading.Thread:
+    """Load the native kernels for `dtype` weights and the layout's config classes on a thread of
+    their own while the first layer is read."""
     def build() -> None:
-        try:
-            exporter.quantization_config(method_config, [], [])
-        except Exception:  # noqa: BLE001 - only a warm-up; the real call reports any problem
-            pass
+        for step in (lambda: native.warm_up(dtype), lambda: exporter.quantization_config(method_config, [], [])):
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - only a warm-up; the real call reports any problem
+                pass
 
     thread = threading.Thread(target=build, name="quantscope-warm-up", daemon=True)
     thread.start()
@@ -678,6 +697,29 @@ class _LayerReader:
                 # quantizer, instead of as page faults inside it (8B: 41 s instead of 48-51 s).
                 t.reshape(-1).view(torch.uint8)[::4096].max()
         return tensors
+
+
+def _prefetch(src: ModelSource, names: list[str]) -> None:
+    """Ask the kernel to read the named tensors into the page cache, asynchronously. Used for the
+    head (lm_head, final norm), which is copied after the last layer: read cold there it was a
+    serial tail of ~2 s on an 8B model; read ahead, its disk reads fill the moments the layer
+    reader is idle."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+
+    def run() -> None:
+        for n in names:
+            info = src.tensors[n]
+            try:
+                fd = os.open(info.file, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, info.data_start, info.nbytes, os.POSIX_FADV_WILLNEED)
+                finally:
+                    os.close(fd)
+            except OSError:
+                return  # only a hint: the copy reads the file anyway
+
+    threading.Thread(target=run, name="quantscope-prefetch", daemon=True).start()
 
 
 def _layer_from_headers(src: ModelSource, i: int) -> nn.Module:

@@ -27,8 +27,10 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, TypeVar
 
+import numpy as np
 import torch
 
+from core import buffers, native
 from core.config import Granularity
 from core.qtensors import IntWeight
 
@@ -395,6 +397,44 @@ def quantize_to_intweight(
                      error_sums=sums)
 
 
+def _split_rows(out: int, fn: Callable[[int, int], T], min_rows: int = 64) -> list[T]:
+    """fn(r0, r1) over [0, out) as two halves on the two workers when torch may use two threads
+    (fn must release the GIL, as the native kernels do), else in one call; results in row order."""
+    if torch.get_num_threads() < 2 or out < 2 * min_rows:
+        return [fn(0, out)]
+    mid = out // 2
+    first = _workers().submit(fn, 0, mid)
+    second = fn(mid, out)
+    return [first.result(), second]
+
+
+_NO_TABLE = np.empty(0, np.float32)
+
+
+def _rtn_rows_native(
+    w: torch.Tensor, bits: int, sym: bool, gs: int, name: str | None, measure: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[float, float] | None] | None:
+    """_rtn_rows in one native pass per group (core.native), None when no kernel applies (numba
+    missing or disabled, a dtype or layout the kernel does not read)."""
+    k = native.kernels()
+    src = native.as_numpy(w) if k is not None else None
+    if src is None:
+        return None
+    out, n_in = w.shape
+    n_groups = -(-n_in // gs)
+    scale = torch.empty(out, n_groups, dtype=torch.float32)
+    zero = torch.empty(out, n_groups, dtype=torch.int32)
+    codes = buffers.pool.empty((out, n_in), torch.uint8)
+    lut = native.fp16_table() if w.dtype == torch.float16 else _NO_TABLE
+    s_np, z_np, c_np = scale.numpy(), zero.numpy(), codes.numpy()
+    parts = _split_rows(out, lambda r0, r1: k.rtn_rows(src, lut, r0, r1, gs, bits, sym, s_np, z_np, c_np,
+                                                       measure))
+    if not bool(torch.isfinite(scale).all()):
+        _raise_non_finite(w, name)
+    sums = (math.fsum(p[0] for p in parts), math.fsum(p[1] for p in parts)) if measure else None
+    return scale, zero, codes, sums
+
+
 def _rtn_rows(
     w: torch.Tensor, bits: int, sym: bool, gs: int, name: str | None, measure: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[float, float] | None]:
@@ -404,6 +444,9 @@ def _rtn_rows(
     last group (gs not dividing in) is handled in the same chunk from its own columns. With
     `measure` the chunk is then dequantized in the same scratch for (Σ(w − x̂)², Σw²): the same
     float32 operations as `affine_error_sums`, without reading the weight and codes again."""
+    fused = _rtn_rows_native(w, bits, sym, gs, name, measure)
+    if fused is not None:
+        return fused
     out, n_in = w.shape
     groups, tail = n_in // gs, n_in % gs
     main = groups * gs
@@ -536,7 +579,12 @@ def _pack4_rows(c: torch.Tensor) -> torch.Tensor:
     """The int16 nibble packing of pack_codes for a large 2-D code matrix, by row chunks on the
     two workers of _over_row_chunks (a streaming job packs every layer of a model)."""
     rows, n = c.shape
-    out = torch.empty(rows, n // 2, dtype=torch.uint8)
+    out = buffers.pool.empty((rows, n // 2), torch.uint8)
+    k = native.kernels()
+    if k is not None:
+        c_np, o_np = c.numpy(), out.numpy()
+        _split_rows(rows, lambda r0, r1: k.pack4_rows(c_np, o_np, r0, r1))
+        return out
     v = c.view(torch.int16)
 
     def chunk(r0: int, r1: int, scratch: torch.Tensor) -> None:

@@ -1,0 +1,122 @@
+"""Fused native kernels for the streaming hot loops, compiled by numba on first use.
+
+Round-to-nearest of a whole model is a few arithmetic operations per weight; written as torch
+calls it is a dozen passes over every row chunk, each a Python-level dispatch that holds the GIL
+(so two workers cannot both be busy), and it ran at 2-3 ns per weight where the disk delivers a
+weight every ~0.6 ns. These kernels do the same operations in one pass per group, with the GIL
+released, so the two workers of `core.primitives` both run flat out:
+
+* `rtn_rows`: ranges, scale, zero, codes and the reconstruction error sums of per-group /
+  per-channel RTN, reading bf16/fp16/fp32 as stored. Bit-identical scales, zeros and codes to the
+  torch path (the same IEEE float32 operations: x / s, round half to even, + z, clamp).
+* `pack4_rows`: 4-bit codes → bytes, the first code of a pair in the low nibble.
+* `count_non_finite`: NaN/Inf count of a float tensor from its bit patterns.
+
+Everything here is optional: when numba is missing, cannot compile, or QUANTSCOPE_NATIVE=0 is set,
+`kernels()` returns None and callers keep their torch path (the reference the tests compare to).
+Compiled code is cached (numba's cache, next to this file or in the user cache directory), so
+only the first run on a machine pays the ~2-5 s compilation.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+_ENV = "QUANTSCOPE_NATIVE"
+_lock = threading.Lock()
+_kernels: Any = None
+_tried = False
+
+# dtype → the numpy element type the kernels read it as; the element type picks the decoder
+# (uint16: bf16 bit patterns, int16: fp16 bit patterns decoded by table).
+_VIEWS: dict[torch.dtype, Any] = {torch.float32: np.float32, torch.bfloat16: np.uint16, torch.float16: np.int16}
+# Exponent bits all set = Inf or NaN, per storage width.
+_EXP_MASK: dict[torch.dtype, tuple[Any, int]] = {
+    torch.float32: (np.uint32, 0x7F800000),
+    torch.bfloat16: (np.uint16, 0x7F80),
+    torch.float16: (np.uint16, 0x7C00),
+}
+
+
+def enabled() -> bool:
+    """False when the user turned the kernels off (QUANTSCOPE_NATIVE=0)."""
+    return os.environ.get(_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def kernels() -> Any:
+    """The compiled kernels (a namespace), or None when numba is unavailable or disabled."""
+    global _kernels, _tried
+    if not enabled():
+        return None
+    if _tried:
+        return _kernels
+    with _lock:
+        if not _tried:
+            try:
+                _kernels = _build()
+            except Exception as exc:  # noqa: BLE001 - any numba failure means: use the torch path
+                log.warning("native kernels unavailable (%s); using the slower torch path", exc)
+                _kernels = None
+            _tried = True
+    return _kernels
+
+
+def as_numpy(t: torch.Tensor) -> np.ndarray | None:
+    """The raw elements of a contiguous 2-D CPU float32/bf16/fp16 tensor as the kernels read them
+    (see _VIEWS), without a copy; None for anything else."""
+    view = _VIEWS.get(t.dtype)
+    if view is None or t.device.type != "cpu" or not t.is_contiguous() or t.dim() != 2:
+        return None
+    return (t if view is np.float32 else t.view(torch.int16)).numpy().view(view)
+
+
+def fp16_table() -> np.ndarray:
+    """float32 value of every fp16 bit pattern (the kernels decode fp16 by lookup)."""
+    global _FP16
+    if _FP16 is None:
+        _FP16 = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.float16).float().numpy()
+    return _FP16
+
+
+_FP16: np.ndarray | None = None
+
+
+def count_non_finite(t: torch.Tensor) -> int | None:
+    """Number of NaN/Inf elements of a float32/bf16/fp16 CPU tensor, None when no kernel applies."""
+    k = kernels()
+    spec = _EXP_MASK.get(t.dtype)
+    if k is None or spec is None or t.device.type != "cpu" or not t.is_contiguous():
+        return None
+    view, mask = spec
+    raw = (t.view(torch.int16) if view is np.uint16 else t.view(torch.int32)).reshape(-1)
+    return int(k.count_exp_all_set(raw.numpy().view(view), view(mask)))
+
+
+def _build() -> Any:
+    from core import native_kernels  # imports numba: only here, on first use
+
+    log.debug("native kernels ready (numba %s)", native_kernels.numba.__version__)
+    return native_kernels
+
+
+def warm_up(dtype: torch.dtype) -> None:
+    """Load (or compile) the kernels a streaming job on `dtype` weights will call, on tiny inputs,
+    so that the first layer does not wait for it (~0.2 s from numba's cache, seconds to compile)."""
+    k = kernels()
+    if k is None:
+        return
+    w = torch.zeros(2, 8, dtype=dtype if dtype in _VIEWS else torch.float32)
+    src = as_numpy(w)
+    lut = fp16_table() if w.dtype == torch.float16 else np.empty(0, np.float32)
+    scale, zero = np.empty((2, 1), np.float32), np.empty((2, 1), np.int32)
+    codes, packed = np.empty((2, 8), np.uint8), np.empty((2, 4), np.uint8)
+    k.rtn_rows(src, lut, 0, 2, 8, 4, True, scale, zero, codes, True)
+    k.pack4_rows(codes, packed, 0, 2)
+    count_non_finite(w)
