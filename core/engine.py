@@ -19,6 +19,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -51,6 +52,7 @@ from core.model_io import ModelSource, open_model
 from core.output import InterruptedJob as InterruptedJob  # re-exported: the GUI's resume prompt
 from core.output import OutputWriter, file_sha256, json_safe, output_config, package_versions
 from core.output import find_interrupted as find_interrupted  # re-exported: the GUI's resume prompt
+from core.primitives import single_threaded_torch
 from core.qtensors import IntWeight, QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -531,7 +533,10 @@ def _run_quantization(job: QuantJob, sink: Sink, cancel: CancelToken | None) -> 
     done = 0
     settings = settings_dict(job.method)
 
-    with _RssMonitor() as rss, writer:
+    # Calibration-free methods run their own two row workers; torch's OpenMP threads would only
+    # spin beside them (primitives.single_threaded_torch).
+    threads = nullcontext() if calibrated else single_threaded_torch()
+    with _RssMonitor() as rss, writer, threads:
         if writer.fresh_reason:
             emit(Log("warning", f"not resuming, starting fresh: {writer.fresh_reason}"))
         elif writer.replaced_partial is not None:
@@ -690,13 +695,36 @@ class _LayerReader:
         return tensors
 
     def _load(self, i: int) -> dict[str, torch.Tensor]:
-        tensors = self._src.load_tensors(self._src.layer_tensor_names(i))
+        names = self._src.layer_tensor_names(i)
+        _will_need(self._src, names)
+        tensors = self._src.load_tensors(names)
         for t in tensors.values():
             if t.numel() * t.element_size() >= _TOUCH_MIN_BYTES:
                 # One byte per page: the disk reads happen on this thread, overlapped with the
                 # quantizer, instead of as page faults inside it (8B: 41 s instead of 48-51 s).
                 t.reshape(-1).view(torch.uint8)[::4096].max()
         return tensors
+
+
+def _will_need(src: ModelSource, names: list[str]) -> None:
+    """posix_fadvise(WILLNEED) over the byte ranges of the named tensors (merged per file): the
+    kernel queues the whole range's reads at once instead of one read-around per page fault."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    spans: dict[Path, list[int]] = {}
+    for n in names:
+        info = src.tensors[n]
+        lo, hi = spans.setdefault(info.file, [info.data_start, info.data_start + info.nbytes])
+        spans[info.file] = [min(lo, info.data_start), max(hi, info.data_start + info.nbytes)]
+    for file, (lo, hi) in spans.items():
+        try:
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # only a hint: the reads happen anyway
 
 
 def _prefetch(src: ModelSource, names: list[str]) -> None:

@@ -24,7 +24,9 @@ from __future__ import annotations
 import math
 import sys
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Callable, TypeVar
 
 import numpy as np
@@ -255,17 +257,45 @@ def _over_row_chunks(out: int, n_in: int, fn: Callable[[int, int, torch.Tensor],
         scratch = torch.empty(scratches * rows * n_in, dtype=torch.float32)
         return [fn(r0, r1, scratch) for r0, r1 in part]
 
-    threads = torch.get_num_threads()
-    if threads < 2 or len(spans) < 4:
+    if not _two_workers() or len(spans) < 4:
         return run(spans)
     half = (len(spans) + 1) // 2
-    torch.set_num_threads(1)
-    try:
+    with single_threaded_torch():
         first = _workers().submit(run, spans[:half])
         second = run(spans[half:])
         return first.result() + second
+
+
+# torch's thread count from before `single_threaded_torch` lowered it to 1, while it is lowered.
+_lowered_from: int | None = None
+
+
+def _two_workers() -> bool:
+    """Whether the row loops split their work between two Python workers: when torch may use two
+    or more threads (as set before any `single_threaded_torch`)."""
+    return (_lowered_from or torch.get_num_threads()) >= 2
+
+
+@contextmanager
+def single_threaded_torch() -> Iterator[None]:
+    """torch ops single-threaded for the duration; the row loops still use their two workers.
+
+    Small torch ops on two OpenMP threads pay a barrier each, and while the two workers, the reader
+    and the writer keep two cores busy, every barrier waits for a descheduled thread and the idle
+    OpenMP thread spins meanwhile (a third of a streaming run's CPU time went there). The thread
+    count is process-wide, so it is lowered only for the duration (nested uses are no-ops)."""
+    global _lowered_from
+    threads = torch.get_num_threads()
+    if _lowered_from is not None or threads < 2:
+        yield
+        return
+    _lowered_from = threads
+    torch.set_num_threads(1)
+    try:
+        yield
     finally:
         torch.set_num_threads(threads)
+        _lowered_from = None
 
 
 def quantize_affine(
@@ -400,7 +430,7 @@ def quantize_to_intweight(
 def _split_rows(out: int, fn: Callable[[int, int], T], min_rows: int = 64) -> list[T]:
     """fn(r0, r1) over [0, out) as two halves on the two workers when torch may use two threads
     (fn must release the GIL, as the native kernels do), else in one call; results in row order."""
-    if torch.get_num_threads() < 2 or out < 2 * min_rows:
+    if not _two_workers() or out < 2 * min_rows:
         return [fn(0, out)]
     mid = out // 2
     first = _workers().submit(fn, 0, mid)
