@@ -18,6 +18,7 @@ import weakref
 import numpy as np
 import torch
 
+_PAGE = 4096
 # Below this a fresh allocation is cheap (and glibc reuses its own heap for it).
 _MIN_BYTES = 1 << 20
 # Free buffers kept per size: a decoder layer holds up to three linears of one shape (gate, up and
@@ -40,7 +41,10 @@ class BufferPool:
         try:
             buf = self._free.get(nbytes, []).pop()
         except IndexError:
-            buf = np.empty(nbytes, dtype=np.uint8)
+            # Page-aligned, so that a shard writer can hand it to the disk as it is (O_DIRECT).
+            raw = np.empty(nbytes + _PAGE, dtype=np.uint8)
+            start = -raw.ctypes.data % _PAGE
+            buf = raw[start:start + nbytes]
         view = buf[:]  # a new array object over the same memory: the tensor keeps it alive
         weakref.finalize(view, self._give_back, buf)
         return torch.from_numpy(view).view(dtype).view(shape)

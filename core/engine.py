@@ -696,7 +696,9 @@ class _LayerReader:
 
     def _load(self, i: int) -> dict[str, torch.Tensor]:
         names = self._src.layer_tensor_names(i)
-        _will_need(self._src, names)
+        if hasattr(os, "POSIX_FADV_WILLNEED"):
+            # The whole layer's reads queued at once instead of one read-around per page fault.
+            _advise(self._src, names, os.POSIX_FADV_WILLNEED)
         tensors = self._src.load_tensors(names)
         for t in tensors.values():
             if t.numel() * t.element_size() >= _TOUCH_MIN_BYTES:
@@ -706,9 +708,9 @@ class _LayerReader:
         return tensors
 
 
-def _will_need(src: ModelSource, names: list[str]) -> None:
-    """posix_fadvise(WILLNEED) over the byte ranges of the named tensors (merged per file): the
-    kernel queues the whole range's reads at once instead of one read-around per page fault."""
+def _advise(src: ModelSource, names: list[str], advice: int) -> None:
+    """posix_fadvise(advice) over the byte ranges of the named tensors (merged per file). Only a
+    hint: errors and platforms without it are ignored."""
     if not hasattr(os, "posix_fadvise"):
         return
     spans: dict[Path, list[int]] = {}
@@ -720,11 +722,11 @@ def _will_need(src: ModelSource, names: list[str]) -> None:
         try:
             fd = os.open(file, os.O_RDONLY)
             try:
-                os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_WILLNEED)
+                os.posix_fadvise(fd, lo, hi - lo, advice)
             finally:
                 os.close(fd)
         except OSError:
-            pass  # only a hint: the reads happen anyway
+            pass
 
 
 def _prefetch(src: ModelSource, names: list[str]) -> None:
@@ -732,22 +734,9 @@ def _prefetch(src: ModelSource, names: list[str]) -> None:
     head (lm_head, final norm), which is copied after the last layer: read cold there it was a
     serial tail of ~2 s on an 8B model; read ahead, its disk reads fill the moments the layer
     reader is idle."""
-    if not hasattr(os, "posix_fadvise"):
-        return
-
-    def run() -> None:
-        for n in names:
-            info = src.tensors[n]
-            try:
-                fd = os.open(info.file, os.O_RDONLY)
-                try:
-                    os.posix_fadvise(fd, info.data_start, info.nbytes, os.POSIX_FADV_WILLNEED)
-                finally:
-                    os.close(fd)
-            except OSError:
-                return  # only a hint: the copy reads the file anyway
-
-    threading.Thread(target=run, name="quantscope-prefetch", daemon=True).start()
+    if hasattr(os, "POSIX_FADV_WILLNEED"):
+        threading.Thread(target=_advise, args=(src, names, os.POSIX_FADV_WILLNEED), name="quantscope-prefetch",
+                         daemon=True).start()
 
 
 def _layer_from_headers(src: ModelSource, i: int) -> nn.Module:

@@ -17,8 +17,9 @@ from numba.extending import overload
 
 # Frozen apps have no source files for numba's cache to key on.
 _CACHE = not getattr(sys, "frozen", False)
-# reassoc/nsz let the sums vectorize; no flag that may change a division or a rounding
-# ('arcp', 'afn', 'nnan', 'ninf' stay off), so scales and codes stay IEEE-exact.
+# reassoc/nsz let the sums vectorize and contract lets the error sums use FMA; no flag that may
+# change a division or a rounding ('arcp', 'afn', 'nnan', 'ninf' stay off), so scales, zeros and
+# codes stay IEEE-exact (bit-identical to the torch path).
 _FAST = {"reassoc", "nsz", "contract"}
 _F32_EXP = np.int32(0x7F800000)
 _ABS_MASK = np.int32(0x7FFFFFFF)
@@ -55,6 +56,9 @@ def _load_group_for(row, lut, c0, m, fbuf, ibuf):
 
 @_jit
 def rtn_rows(src, lut, r0, r1, gs, bits, sym, scale, zero, codes, measure):
+    """Round-to-nearest of rows [r0, r1) in groups of gs columns (the last one ragged when gs does
+    not divide the width): scale/zero/codes filled in place; returns (Σ(w − ŵ)², Σw²) over those
+    rows when `measure` (else zeros). A group holding NaN/Inf gets a NaN scale."""
     n_in = src.shape[1]
     f0 = np.float32(0.0)
     qmax = np.float32(2**bits - 1)
@@ -99,8 +103,10 @@ def rtn_rows(src, lut, r0, r1, gs, bits, sym, scale, zero, codes, measure):
                 s = np.float32(1.0)  # an all-zero group: scale 1 decodes to 0
             if not sym:
                 z = min(max(np.rint(-lo / s), f0), qmax)
-            if bad:
-                s = np.float32(np.nan)  # the caller finds it in the scales and names the weight
+            if bad:  # the caller finds the NaN scale and names the weight; no codes for it
+                scale[r, g] = np.float32(np.nan)
+                zero[r, g] = np.int32(half)
+                continue
             scale[r, g] = s
             zero[r, g] = np.int32(z)
             for k in range(m):
@@ -122,6 +128,7 @@ def rtn_rows(src, lut, r0, r1, gs, bits, sym, scale, zero, codes, measure):
 
 @_jit
 def pack4_rows(codes, out, r0, r1):
+    """out[r, k] = codes[r, 2k] | codes[r, 2k + 1] << 4 for rows [r0, r1)."""
     half = out.shape[1]
     for r in range(r0, r1):
         c = codes[r]
@@ -132,6 +139,7 @@ def pack4_rows(codes, out, r0, r1):
 
 @_jit
 def count_exp_all_set(raw, mask):
+    """How many of the raw float bit patterns have every exponent bit set (NaN or ±Inf)."""
     n = 0
     for i in range(raw.shape[0]):
         n += (raw[i] & mask) == mask

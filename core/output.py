@@ -22,7 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
+
+from core.direct_io import ALIGN, DirectUnsupported, open_direct
 
 log = logging.getLogger(__name__)
 
@@ -157,32 +160,66 @@ def find_interrupted(out: str | os.PathLike) -> InterruptedJob | None:
                           model=str(doc.get("model", "?")), export=str(doc.get("export", "?")), when=when)
 
 
+# Shards with at least this much data are written with O_DIRECT (core.direct_io) where possible.
+DIRECT_MIN_BYTES = 1 << 20
+
+
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
     """Write a safetensors file streaming each tensor's bytes straight from its memory, and return
     the file's CRC-32 (`file_crc32`, taken from the same buffers, so the journal need not read it back).
     (safetensors.torch.save_file first copies every tensor into a bytes object, which doubles the
     memory of a 1 GB embedding shard.) Same format: little-endian u64 header length, JSON header
-    padded with spaces to 8 bytes, then the tensors' data in header order."""
+    padded with spaces, then the tensors' data in header order.
+
+    Shards of DIRECT_MIN_BYTES or more bypass the page cache (core.direct_io): the header is padded
+    to a 4 KiB boundary and tensors whose size is a multiple of 4 KiB come first, so that they
+    start at aligned offsets and the engine's page-aligned buffers go to the disk without a copy."""
     from core.model_io import header_dtype
 
+    arrays = {name: t.contiguous().reshape(-1).view(torch.uint8).numpy() if t.numel() else None
+              for name, t in tensors.items()}
+    total = sum(a.nbytes for a in arrays.values() if a is not None)
+    direct = total >= DIRECT_MIN_BYTES and getattr(os, "O_DIRECT", 0)
+    names = list(tensors)
+    if direct:
+        names.sort(key=lambda n: arrays[n] is None or arrays[n].nbytes % ALIGN != 0)  # stable
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
     offset = 0
-    for name, t in tensors.items():
+    for name in names:
+        t = tensors[name]
         n = t.numel() * t.element_size()
         header[name] = {"dtype": header_dtype(t.dtype), "shape": list(t.shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    raw += b" " * ((-(8 + len(raw)) % ALIGN) if direct else (-len(raw) % 8))
+    blocks = [np.frombuffer(struct.pack("<Q", len(raw)) + raw, dtype=np.uint8)]
+    blocks += [arrays[n] for n in names if arrays[n] is not None]
+    if direct:
+        try:
+            return _write_blocks_direct(path, blocks)
+        except DirectUnsupported:
+            pass  # this file system takes no O_DIRECT writes after all: write it through the cache
     crc = 0
     with open(path, "wb") as f:
-        for block in (struct.pack("<Q", len(raw)), raw):
-            f.write(block)
+        for block in blocks:
+            f.write(memoryview(block))
             crc = zlib.crc32(block, crc)
-        for t in tensors.values():
-            if t.numel():
-                data = memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
-                f.write(data)
-                crc = zlib.crc32(data, crc)
+    return f"{crc:08x}"
+
+
+def _write_blocks_direct(path: Path, blocks: list[np.ndarray]) -> str:
+    writer = open_direct(path)
+    if writer is None:
+        raise DirectUnsupported(errno.EINVAL, "O_DIRECT not available here")
+    crc = 0
+    try:
+        for block in blocks:
+            writer.write(block)
+            crc = zlib.crc32(block, crc)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
     return f"{crc:08x}"
 
 

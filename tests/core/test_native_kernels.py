@@ -227,3 +227,9 @@ def test_single_threaded_torch_nests_and_restores() -> None:
     with pytest.raises(RuntimeError), P.single_threaded_torch():
         raise RuntimeError("boom")
     assert torch.get_num_threads() == before
+
+
+def test_pool_buffers_are_page_aligned() -> None:
+    pool = buffers.BufferPool()
+    for n in (1 << 20, (1 << 20) + 1, 3 << 20):
+        assert pool.empty((n,), torch.uint8).data_ptr() % 4096 == 0
