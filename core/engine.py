@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import sys
 import threading
 import time
 import weakref
@@ -702,10 +703,33 @@ class _LayerReader:
         tensors = self._src.load_tensors(names)
         for t in tensors.values():
             if t.numel() * t.element_size() >= _TOUCH_MIN_BYTES:
-                # One byte per page: the disk reads happen on this thread, overlapped with the
-                # quantizer, instead of as page faults inside it (8B: 41 s instead of 48-51 s).
-                t.reshape(-1).view(torch.uint8)[::4096].max()
+                # The disk reads happen on this thread, overlapped with the quantizer, instead of
+                # as page faults inside it (8B: 41 s instead of 48-51 s).
+                _page_in(t)
         return tensors
+
+
+_MADV_POPULATE_READ = 22  # Linux ≥ 5.14
+_madvise: Any = None
+
+
+def _page_in(t: torch.Tensor) -> None:
+    """Map every page of a memory-mapped tensor, reading it from disk where needed. One
+    madvise(MADV_POPULATE_READ) call where the kernel has it (8B: the reader's CPU 6.4 → 1.7 s,
+    the job 1.5-2 s faster than faulting page by page); else one byte per page is touched."""
+    global _madvise
+    if _madvise is None:
+        try:
+            _madvise = ctypes.CDLL(None, use_errno=True).madvise
+            _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        except (OSError, AttributeError):
+            _madvise = False
+    if _madvise and sys.platform.startswith("linux"):
+        start = t.data_ptr() & ~4095
+        length = (t.data_ptr() + t.numel() * t.element_size() - start + 4095) & ~4095
+        if _madvise(start, length, _MADV_POPULATE_READ) == 0:
+            return
+    t.reshape(-1).view(torch.uint8)[::4096].max()
 
 
 def _advise(src: ModelSource, names: list[str], advice: int) -> None:
