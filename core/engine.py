@@ -719,12 +719,15 @@ def _page_in(t: torch.Tensor) -> None:
     the job 1.5-2 s faster than faulting page by page); else one byte per page is touched."""
     global _madvise
     if _madvise is None:
-        try:
-            _madvise = ctypes.CDLL(None, use_errno=True).madvise
-            _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        except (OSError, AttributeError):
-            _madvise = False
-    if _madvise and sys.platform.startswith("linux"):
+        fn: Any = False
+        if sys.platform.startswith("linux"):  # the advice number is Linux's
+            try:
+                fn = ctypes.CDLL(None, use_errno=True).madvise
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            except (OSError, AttributeError, TypeError):
+                fn = False
+        _madvise = fn  # set whole: the reader and the writer may get here at the same time
+    if _madvise:
         start = t.data_ptr() & ~4095
         length = (t.data_ptr() + t.numel() * t.element_size() - start + 4095) & ~4095
         if _madvise(start, length, _MADV_POPULATE_READ) == 0:
@@ -801,8 +804,12 @@ def _layer_from_headers(src: ModelSource, i: int) -> nn.Module:
 
 def _copy_tensors(writer: OutputWriter, shard: int, names: list[str], src: ModelSource) -> None:
     """Unquantized tensors outside the decoder layers, written in their source dtype."""
+    if hasattr(os, "POSIX_FADV_WILLNEED"):
+        _advise(src, names, os.POSIX_FADV_WILLNEED)  # the embedding's reads queued at once
     tensors = src.load_tensors(names)
     for n, t in tensors.items():
+        if t.numel() * t.element_size() >= _TOUCH_MIN_BYTES:
+            _page_in(t)  # mapped in one call, not a fault per page inside the finite check
         _check_finite(n, t, src)
     writer.write_shard(shard, tensors)
 
