@@ -5,6 +5,11 @@ is materialised on CPU in float32 with its real weights, handed to the method, m
 through the exporter as its own shard and freed, so that only one layer is resident. Calibrated
 methods get the hidden states entering the layer and a `forward` closure; the layer's output
 computed with the *quantized* weights becomes the next layer's input.
+
+Calibration-free methods stream instead: the linears are built from the safetensors headers, the
+weights stay memory-mapped in their stored dtype, the next layer is paged in on a reader thread
+(`_LayerReader`) and finished shards go to a writer thread (`OutputWriter.submit`) while torch
+runs single-threaded beside the primitives' two row workers.
 """
 from __future__ import annotations
 
@@ -558,6 +563,7 @@ def _run_quantization(job: QuantJob, sink: Sink, cancel: CancelToken | None) -> 
             emit(Log("info", f"resuming: {len(finished)}/{src.num_layers} layers reused from the interrupted run"))
 
         reader = _LayerReader(src)
+        native_said = False
         emit(StageStarted("quantize", total=n_linears, message=f"{src.num_layers} decoder layers"))
         emit(Progress("quantize", 0, n_linears))
         for i in range(src.num_layers):
@@ -591,6 +597,9 @@ def _run_quantization(job: QuantJob, sink: Sink, cancel: CancelToken | None) -> 
             release_freed_memory()
             emit(MemorySample(rss.sample() / GIB))
             emit(Log("info", f"layer {i + 1}/{src.num_layers} done"))
+            if not calibrated and not native_said:  # after the first layer: the kernels are loaded by now
+                emit(Log(*native.status()))
+                native_said = True
         check_cancel(cancel)
         if head:
             emit(StageStarted("write", message="final norm and lm_head"))
@@ -676,7 +685,7 @@ _TOUCH_MIN_BYTES = 1 << 20
 
 class _LayerReader:
     """Opens the next decoder layer's tensors (memory-mapped, nothing copied) on a background
-    thread while the current one is quantized, and touches one byte per page so that the disk
+    thread while the current one is quantized, and maps their pages (`_page_in`) so that the disk
     reads wait there. (Reading the bytes into memory of their own there instead was slower: the
     copy competes with the quantizer for the two cores.)"""
 

@@ -35,6 +35,7 @@ _ENV = "QUANTSCOPE_NATIVE"
 _lock = threading.Lock()
 _kernels: Any = None
 _tried = False
+_failure = ""
 
 # dtype → the numpy element type the kernels read it as; the element type picks the decoder
 # (uint16: bf16 bit patterns, int16: fp16 bit patterns decoded by table).
@@ -54,7 +55,7 @@ def enabled() -> bool:
 
 def kernels() -> Any:
     """The compiled kernels (a namespace), or None when numba is unavailable or disabled."""
-    global _kernels, _tried
+    global _kernels, _tried, _failure
     if not enabled():
         return None
     if _tried:
@@ -64,10 +65,21 @@ def kernels() -> Any:
             try:
                 _kernels = _build()
             except Exception as exc:  # noqa: BLE001 - any numba failure means: use the torch path
-                log.warning("native kernels unavailable (%s); using the slower torch path", exc)
+                _failure = f"{type(exc).__name__}: {exc}"
+                log.warning("native kernels unavailable (%s); using the slower torch path", _failure)
                 _kernels = None
             _tried = True
     return _kernels
+
+
+def status() -> tuple[str, str]:
+    """(log level, one line) saying whether the kernels are in use, for a job's log."""
+    if not enabled():
+        return "info", f"native kernels off ({_ENV}=0): rounding on the slower torch path"
+    k = kernels()
+    if k is None:
+        return "warning", f"native kernels unavailable ({_failure}): rounding on the slower torch path"
+    return "info", f"rounding with native kernels (numba {k.numba.__version__})"
 
 
 def as_numpy(t: torch.Tensor) -> np.ndarray | None:
@@ -76,6 +88,7 @@ def as_numpy(t: torch.Tensor) -> np.ndarray | None:
     view = _VIEWS.get(t.dtype)
     if view is None or t.device.type != "cpu" or not t.is_contiguous() or t.dim() != 2:
         return None
+    t = t.detach()
     return (t if view is np.float32 else t.view(torch.int16)).numpy().view(view)
 
 

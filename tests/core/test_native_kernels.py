@@ -233,3 +233,25 @@ def test_pool_buffers_are_page_aligned() -> None:
     pool = buffers.BufferPool()
     for n in (1 << 20, (1 << 20) + 1, 3 << 20):
         assert pool.empty((n,), torch.uint8).data_ptr() % 4096 == 0
+
+
+def test_job_log_says_whether_the_kernels_are_used(tiny_llama_dir: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from core.config import QuantJob, RTNConfig
+    from core.engine import run_quantization
+    from core.events import Log
+
+    def lines(out: str) -> list[Log]:
+        events: list[object] = []
+        run_quantization(QuantJob(tiny_llama_dir, tmp_path / out, RTNConfig(bits=4, group_size=32)),
+                         sink=events.append)
+        return [e for e in events if isinstance(e, Log) and "native kernels" in e.message]
+
+    used = lines("a")
+    assert len(used) == 1 and used[0].level == "info" and "numba" in used[0].message
+    monkeypatch.setattr(native, "_build", lambda: (_ for _ in ()).throw(ImportError("no numba here")))
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_kernels", None)
+    broken = lines("b")
+    assert len(broken) == 1 and broken[0].level == "warning"
+    assert "ImportError: no numba here" in broken[0].message and "torch path" in broken[0].message
