@@ -117,21 +117,32 @@ def count_non_finite(t: torch.Tensor) -> int | None:
 def _build() -> Any:
     from core import native_kernels  # imports numba: only here, on first use
 
+    # Compile (or load) the bf16 variants now, inside kernels()'s try: a numba that imports but
+    # cannot compile here (a frozen app missing a piece, an unsupported CPU) then means the torch
+    # path, not a failed job.
+    _exercise(native_kernels, torch.bfloat16)
     log.debug("native kernels ready (numba %s)", native_kernels.numba.__version__)
     return native_kernels
+
+
+def _exercise(k: Any, dtype: torch.dtype) -> None:
+    """Run every kernel once on tiny `dtype` inputs (compiling or loading that variant)."""
+    w = torch.zeros(2, 8, dtype=dtype if dtype in _VIEWS else torch.float32)
+    t = w.detach()
+    src = (t if w.dtype == torch.float32 else t.view(torch.int16)).numpy().view(_VIEWS[w.dtype])
+    lut = fp16_table() if w.dtype == torch.float16 else np.empty(0, np.float32)
+    scale, zero = np.empty((2, 1), np.float32), np.empty((2, 1), np.int32)
+    codes, packed = np.empty((2, 8), np.uint8), np.empty((2, 4), np.uint8)
+    k.rtn_rows(src, lut, 0, 2, 8, 4, True, scale, zero, codes, True)
+    k.pack4_rows(codes, packed, 0, 2)
+    view, mask = _EXP_MASK[w.dtype]
+    raw = (t.view(torch.int16) if view is np.uint16 else t.view(torch.int32)).reshape(-1)
+    k.count_exp_all_set(raw.numpy().view(view), view(mask))
 
 
 def warm_up(dtype: torch.dtype) -> None:
     """Load (or compile) the kernels a streaming job on `dtype` weights will call, on tiny inputs,
     so that the first layer does not wait for it (~0.2 s from numba's cache, seconds to compile)."""
     k = kernels()
-    if k is None:
-        return
-    w = torch.zeros(2, 8, dtype=dtype if dtype in _VIEWS else torch.float32)
-    src = as_numpy(w)
-    lut = fp16_table() if w.dtype == torch.float16 else np.empty(0, np.float32)
-    scale, zero = np.empty((2, 1), np.float32), np.empty((2, 1), np.int32)
-    codes, packed = np.empty((2, 8), np.uint8), np.empty((2, 4), np.uint8)
-    k.rtn_rows(src, lut, 0, 2, 8, 4, True, scale, zero, codes, True)
-    k.pack4_rows(codes, packed, 0, 2)
-    count_non_finite(w)
+    if k is not None:
+        _exercise(k, dtype)

@@ -255,3 +255,17 @@ def test_job_log_says_whether_the_kernels_are_used(tiny_llama_dir: Path, tmp_pat
     broken = lines("b")
     assert len(broken) == 1 and broken[0].level == "warning"
     assert "ImportError: no numba here" in broken[0].message and "torch path" in broken[0].message
+
+
+def test_numba_that_imports_but_cannot_compile_means_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_compiler(k: object, dtype: torch.dtype) -> None:
+        raise RuntimeError("LLVM ERROR: cannot select")
+
+    monkeypatch.setattr(native, "_exercise", no_compiler)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_kernels", None)
+    assert native.kernels() is None
+    level, line = native.status()
+    assert level == "warning" and "LLVM ERROR" in line
+    w = _weights(40, 128, torch.bfloat16, seed=5)
+    assert P.quantize_to_intweight(w, 4, True, "group", 64).codes.shape == (40, 128)
