@@ -52,6 +52,12 @@ then
   if "$app" quantize --model "$work/tiny" --method rtn --bits 4 --out "$work/q" --json >"$work/q.json" 2>"$work/q.err" \
       && is_json "$work/q.json"; then
     report "quantize rtn 4-bit (tiny llama)" ok "$(elapsed "$t")"
+    # numba is bundled: a frozen app that fell back to the torch path says so on stderr.
+    if grep -q "native kernels unavailable" "$work/q.err"; then
+      report "native kernels (numba) in the bundle" FAIL 0 "$(grep -m1 "native kernels unavailable" "$work/q.err")"
+    else
+      report "native kernels (numba) in the bundle" ok 0
+    fi
   else
     report "quantize rtn 4-bit (tiny llama)" FAIL "$(elapsed "$t")" "$(tail -1 "$work/q.err")"
   fi
