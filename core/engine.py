@@ -554,7 +554,7 @@ def _run_quantization(job: QuantJob, sink: Sink, cancel: CancelToken | None) -> 
         writer.set_journal_info(model=str(src.path), method=job.method.method, settings=settings, export=export_name,
                                 num_layers=src.num_layers)
         if stem:
-            writer.submit(_copy_tensors, writer, 0, stem, src)
+            writer.submit(_copy_tensors, writer, 0, stem, src, bounded=False)
         if head:
             _prefetch(src, head)
         calib = _build_calibration(job, src, model, hf_config, emit) if calibrated else None
@@ -603,7 +603,7 @@ def _run_quantization(job: QuantJob, sink: Sink, cancel: CancelToken | None) -> 
         check_cancel(cancel)
         if head:
             emit(StageStarted("write", message="final norm and lm_head"))
-            writer.submit(_copy_tensors, writer, len(groups) - 1, head, src)
+            writer.submit(_copy_tensors, writer, len(groups) - 1, head, src, bounded=False)
         writer.flush()
         if warm is not None:
             warm.join()

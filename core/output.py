@@ -261,6 +261,11 @@ class OutputWriter:
         # (the queue absorbs the page cache's bursts instead of stalling the quantizer).
         self._pool: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []
+        # Copies of tensors outside the decoder layers (embedding, lm_head) run on a thread of
+        # their own and are not counted in that bound: they hold nothing until they run, and in the
+        # layers' queue a 0.5-1 GB embedding copy stalled the quantizer behind it (1B: 0.4 s).
+        self._side_pool: ThreadPoolExecutor | None = None
+        self._side: list[Future] = []
         # Set by __enter__: why a resume started fresh, and whether a crashed run's folder was replaced.
         self.fresh_reason: str | None = None
         self.replaced_partial: InterruptedJob | None = None
@@ -332,9 +337,17 @@ class OutputWriter:
         self._wait(raise_errors=False)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+    def submit(self, fn: Callable[..., Any], *args: Any, bounded: bool = True) -> None:
         """Run fn(*args) on the background writer, in submission order; waits while two are
-        queued. An error of an earlier submission is raised here (or by `flush`)."""
+        queued. An error of an earlier submission is raised here (or by `flush`). With
+        bounded=False fn runs on a second thread, neither counted nor waited for here (for work
+        that holds no memory until it runs)."""
+        if not bounded:
+            self._collect_finished(raise_errors=True)
+            if self._side_pool is None:
+                self._side_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantscope-copier")
+            self._side.append(self._side_pool.submit(fn, *args))
+            return
         self._wait(raise_errors=True, keep=1)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantscope-writer")
@@ -345,15 +358,24 @@ class OutputWriter:
         self._wait(raise_errors=True)
 
     def _wait(self, *, raise_errors: bool, keep: int = 0) -> None:
-        """Wait until at most `keep` submissions are pending (a failed one is raised at once)."""
-        for future in [f for f in self._pending if f.done()]:
-            self._pending.remove(future)
-            self._result(future, raise_errors)
+        """Wait until at most `keep` bounded submissions are pending, and for the unbounded ones
+        too when keep is 0 (a failed one is raised at once)."""
+        self._collect_finished(raise_errors)
         while len(self._pending) > keep:
             self._result(self._pending.pop(0), raise_errors)
-        if not raise_errors and not self._pending and self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        while keep == 0 and self._side:
+            self._result(self._side.pop(0), raise_errors)
+        if not raise_errors and not self._pending and not self._side:
+            for pool in (self._pool, self._side_pool):
+                if pool is not None:
+                    pool.shutdown(wait=True)
+            self._pool = self._side_pool = None
+
+    def _collect_finished(self, raise_errors: bool) -> None:
+        for queue in (self._side, self._pending):
+            for future in [f for f in queue if f.done()]:
+                queue.remove(future)
+                self._result(future, raise_errors)
 
     def _result(self, future: Future, raise_errors: bool) -> None:
         try:
@@ -364,14 +386,15 @@ class OutputWriter:
                 raise
 
     def _cancel_pending(self) -> None:
-        for future in self._pending:
-            future.cancel()
-        for future in self._pending:
-            try:
-                future.result()
-            except BaseException:  # noqa: BLE001 - the first error is the one reported
-                pass
-        self._pending.clear()
+        for queue in (self._pending, self._side):
+            for future in queue:
+                future.cancel()
+            for future in queue:
+                try:
+                    future.result()
+                except BaseException:  # noqa: BLE001 - the first error is the one reported
+                    pass
+            queue.clear()
 
     # -- writing ---------------------------------------------------------------------------
     def write_shard(self, index: int, tensors: dict[str, torch.Tensor]) -> str:

@@ -137,3 +137,37 @@ def test_streamed_shards_read_back_bit_exact_with_safetensors(tmp_path: Path) ->
             got = f.get_tensor(k)
             assert got.dtype == t.dtype and got.shape == t.shape
             assert torch.equal(got.reshape(-1).view(torch.uint8), t.contiguous().reshape(-1).view(torch.uint8))
+
+
+def test_unbounded_copy_runs_beside_the_layer_queue_and_its_error_is_raised(tmp_path: Path) -> None:
+    import threading
+
+    release = threading.Event()
+    order: list[str] = []
+
+    def slow_copy() -> None:
+        release.wait(10)
+        order.append("copy")
+
+    def layer(i: int) -> None:
+        order.append(f"layer {i}")
+
+    with OutputWriter(tmp_path / "out", num_shards=1) as w:
+        w.submit(slow_copy, bounded=False)
+        for i in range(4):  # would block on the two-deep bound if the copy counted
+            w.submit(layer, i)
+        while len(order) < 4:
+            threading.Event().wait(0.01)
+        assert order == ["layer 0", "layer 1", "layer 2", "layer 3"]  # not stuck behind the copy
+        release.set()
+        w.flush()  # waits for the copy too
+        assert order[-1] == "copy"
+
+        def failing() -> None:
+            raise OSError(errno.EIO, "read error in the embedding")
+
+        w.submit(failing, bounded=False)
+        with pytest.raises(OSError, match="read error in the embedding"):
+            w.flush()
+        w.abort()
+    assert not partial_dir(tmp_path / "out").exists()
