@@ -110,8 +110,13 @@ def count_non_finite(t: torch.Tensor) -> int | None:
     if k is None or spec is None or t.device.type != "cpu" or not t.is_contiguous():
         return None
     view, mask = spec
-    raw = (t.view(torch.int16) if view is np.uint16 else t.view(torch.int32)).reshape(-1)
-    return int(k.count_exp_all_set(raw.numpy().view(view), view(mask)))
+    return int(k.count_exp_all_set(_raw_bits(t, view), view(mask)))
+
+
+def _raw_bits(t: torch.Tensor, view: Any) -> np.ndarray:
+    """The bit patterns of a contiguous float tensor as a flat unsigned array (uint16 or uint32)."""
+    t = t.detach()
+    return (t.view(torch.int16) if view is np.uint16 else t.view(torch.int32)).reshape(-1).numpy().view(view)
 
 
 def _build() -> Any:
@@ -128,16 +133,14 @@ def _build() -> Any:
 def _exercise(k: Any, dtype: torch.dtype) -> None:
     """Run every kernel once on tiny `dtype` inputs (compiling or loading that variant)."""
     w = torch.zeros(2, 8, dtype=dtype if dtype in _VIEWS else torch.float32)
-    t = w.detach()
-    src = (t if w.dtype == torch.float32 else t.view(torch.int16)).numpy().view(_VIEWS[w.dtype])
+    src = as_numpy(w)
     lut = fp16_table() if w.dtype == torch.float16 else np.empty(0, np.float32)
     scale, zero = np.empty((2, 1), np.float32), np.empty((2, 1), np.int32)
     codes, packed = np.empty((2, 8), np.uint8), np.empty((2, 4), np.uint8)
     k.rtn_rows(src, lut, 0, 2, 8, 4, True, scale, zero, codes, True)
     k.pack4_rows(codes, packed, 0, 2)
     view, mask = _EXP_MASK[w.dtype]
-    raw = (t.view(torch.int16) if view is np.uint16 else t.view(torch.int32)).reshape(-1)
-    k.count_exp_all_set(raw.numpy().view(view), view(mask))
+    k.count_exp_all_set(_raw_bits(w, view), view(mask))
 
 
 def warm_up(dtype: torch.dtype) -> None:

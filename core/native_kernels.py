@@ -26,9 +26,15 @@ _ABS_MASK = np.int32(0x7FFFFFFF)
 _jit = njit(nogil=True, cache=_CACHE, fastmath=_FAST, boundscheck=False, error_model="numpy")
 
 
-def load_group(row, lut, c0, m, fbuf, ibuf):  # pragma: no cover - replaced by the overload below
-    """Decode row[c0:c0 + m] into the float32 group buffer fbuf (ibuf: its int32 view)."""
-    raise NotImplementedError
+def load_group(row, lut, c0, m, fbuf, ibuf):
+    """Decode row[c0:c0 + m] into the float32 group buffer fbuf (ibuf: its int32 view). This is
+    the interpreted version (NUMBA_DISABLE_JIT=1); compiled kernels use the overload below."""
+    if row.dtype == np.uint16:
+        ibuf[:m] = row[c0:c0 + m].astype(np.int32) << 16
+    elif row.dtype == np.int16:
+        fbuf[:m] = lut[row[c0:c0 + m].astype(np.intp) & 0xFFFF]
+    else:
+        fbuf[:m] = row[c0:c0 + m]
 
 
 @overload(load_group, inline="always", jit_options={"fastmath": _FAST})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -269,3 +270,30 @@ def test_numba_that_imports_but_cannot_compile_means_the_torch_path(monkeypatch:
     assert level == "warning" and "LLVM ERROR" in line
     w = _weights(40, 128, torch.bfloat16, seed=5)
     assert P.quantize_to_intweight(w, 4, True, "group", 64).codes.shape == (40, 128)
+
+
+def test_kernels_interpreted_without_jit_give_the_same_codes() -> None:
+    # NUMBA_DISABLE_JIT=1 runs the kernels as plain Python (the way to debug them): the
+    # interpreted group decoder must agree with the compiled one.
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np, torch\n"
+        "import core.native_kernels as K, core.primitives as P\n"
+        "from core import native\n"
+        "for dt in (torch.bfloat16, torch.float16, torch.float32):\n"
+        "    w = (torch.randn(6, 40, generator=torch.Generator().manual_seed(1)) * 3).to(dt)\n"
+        "    lut = native.fp16_table() if dt == torch.float16 else np.empty(0, np.float32)\n"
+        "    s, z = np.empty((6, 3), np.float32), np.empty((6, 3), np.int32)\n"
+        "    c = np.empty((6, 40), np.uint8)\n"
+        "    K.rtn_rows(native.as_numpy(w), lut, 0, 6, 16, 4, False, s, z, c, True)\n"
+        "    ref = P._rtn_rows(w, 4, False, 16, None)\n"
+        "    assert np.array_equal(c, ref[2].numpy()) and np.array_equal(s, ref[0].numpy()), dt\n"
+        "print('same')\n"
+    )
+    env = {**os.environ, "NUMBA_DISABLE_JIT": "1", "QUANTSCOPE_NATIVE": "0"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).resolve().parents[2], timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "same"
