@@ -705,17 +705,20 @@ class _LayerReader:
         return tensors
 
     def _load(self, i: int) -> dict[str, torch.Tensor]:
-        names = self._src.layer_tensor_names(i)
-        if hasattr(os, "POSIX_FADV_WILLNEED"):
-            # The whole layer's reads queued at once instead of one read-around per page fault.
-            _advise(self._src, names, os.POSIX_FADV_WILLNEED)
-        tensors = self._src.load_tensors(names)
-        for t in tensors.values():
-            if t.numel() * t.element_size() >= _TOUCH_MIN_BYTES:
-                # The disk reads happen on this thread, overlapped with the quantizer, instead of
-                # as page faults inside it (8B: 41 s instead of 48-51 s).
-                _page_in(t)
-        return tensors
+        # The disk reads happen on this thread, overlapped with the quantizer, instead of as page
+        # faults inside it (8B: 41 s instead of 48-51 s).
+        return _load_paged(self._src, self._src.layer_tensor_names(i))
+
+
+def _load_paged(src: ModelSource, names: list[str]) -> dict[str, torch.Tensor]:
+    """The named tensors, memory-mapped, with their reads queued at once (`_will_need`) and the
+    pages of the large ones mapped (`_page_in`) before they are returned."""
+    _will_need(src, names)
+    tensors = src.load_tensors(names)
+    for t in tensors.values():
+        if t.numel() * t.element_size() >= _TOUCH_MIN_BYTES:
+            _page_in(t)
+    return tensors
 
 
 _MADV_POPULATE_READ = 22  # Linux ≥ 5.14
@@ -744,10 +747,11 @@ def _page_in(t: torch.Tensor) -> None:
     t.reshape(-1).view(torch.uint8)[::4096].max()
 
 
-def _advise(src: ModelSource, names: list[str], advice: int) -> None:
-    """posix_fadvise(advice) over the byte ranges of the named tensors (merged per file). Only a
-    hint: errors and platforms without it are ignored."""
-    if not hasattr(os, "posix_fadvise"):
+def _will_need(src: ModelSource, names: list[str]) -> None:
+    """posix_fadvise(WILLNEED) over the byte ranges of the named tensors (merged per file): the
+    kernel queues all their reads at once instead of one read-around per page fault. Only a hint:
+    errors and platforms without it are ignored."""
+    if not hasattr(os, "POSIX_FADV_WILLNEED"):
         return
     spans: dict[Path, list[int]] = {}
     for n in names:
@@ -758,7 +762,7 @@ def _advise(src: ModelSource, names: list[str], advice: int) -> None:
         try:
             fd = os.open(file, os.O_RDONLY)
             try:
-                os.posix_fadvise(fd, lo, hi - lo, advice)
+                os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_WILLNEED)
             finally:
                 os.close(fd)
         except OSError:
@@ -770,9 +774,7 @@ def _prefetch(src: ModelSource, names: list[str]) -> None:
     head (lm_head, final norm), which is copied after the last layer: read cold there it was a
     serial tail of ~2 s on an 8B model; read ahead, its disk reads fill the moments the layer
     reader is idle."""
-    if hasattr(os, "POSIX_FADV_WILLNEED"):
-        threading.Thread(target=_advise, args=(src, names, os.POSIX_FADV_WILLNEED), name="quantscope-prefetch",
-                         daemon=True).start()
+    threading.Thread(target=_will_need, args=(src, names), name="quantscope-prefetch", daemon=True).start()
 
 
 def _layer_from_headers(src: ModelSource, i: int) -> nn.Module:
@@ -813,12 +815,8 @@ def _layer_from_headers(src: ModelSource, i: int) -> nn.Module:
 
 def _copy_tensors(writer: OutputWriter, shard: int, names: list[str], src: ModelSource) -> None:
     """Unquantized tensors outside the decoder layers, written in their source dtype."""
-    if hasattr(os, "POSIX_FADV_WILLNEED"):
-        _advise(src, names, os.POSIX_FADV_WILLNEED)  # the embedding's reads queued at once
-    tensors = src.load_tensors(names)
+    tensors = _load_paged(src, names)
     for n, t in tensors.items():
-        if t.numel() * t.element_size() >= _TOUCH_MIN_BYTES:
-            _page_in(t)  # mapped in one call, not a fault per page inside the finite check
         _check_finite(n, t, src)
     writer.write_shard(shard, tensors)
 

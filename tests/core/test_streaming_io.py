@@ -52,14 +52,14 @@ def test_page_in_falls_back_to_touching_pages(tmp_path: Path, monkeypatch: pytes
         assert calls == [E._MADV_POPULATE_READ]
 
 
-def test_advise_hints_never_fail_a_job(tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_read_ahead_hints_never_raise(tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = open_model(tiny_llama_dir)
     names = src.layer_tensor_names(0)
-    E._advise(src, names, os.POSIX_FADV_WILLNEED)  # a real hint
+    E._will_need(src, names)  # a real hint
     gone = tmp_path / "gone"
 
     class _Info:
         file, data_start, nbytes = gone, 0, 10
 
     monkeypatch.setitem(src.tensors, names[0], _Info())
-    E._advise(src, names[:1], os.POSIX_FADV_WILLNEED)  # a missing file: ignored
+    E._will_need(src, names[:1])  # a missing file: ignored
