@@ -35,7 +35,7 @@ class BufferPool:
         self._free: dict[int, list[np.ndarray]] = {}
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         if nbytes < _MIN_BYTES:
             return torch.empty(shape, dtype=dtype)
         try:

@@ -10,7 +10,8 @@ O_DIRECT needs block-aligned buffers, file offsets and lengths, so data goes str
 caller's memory when it is page-aligned and starts at an aligned file offset (the engine's pooled
 buffers are), and through an aligned staging buffer otherwise. The last partial block is written
 padded and the file truncated to its real size. Where O_DIRECT is unavailable (macOS, Windows,
-tmpfs, some network file systems) `open_direct` returns None and callers write as usual.
+some network file systems, tmpfs before Linux 6.6) `open_direct` returns None, or the first write
+is refused, and callers write as usual.
 """
 from __future__ import annotations
 

@@ -16,8 +16,9 @@ per group with the GIL released (about 0.33 ns per weight per core here), so the
 Everything here is optional: when numba is missing, cannot compile, or QUANTSCOPE_NATIVE=0 is set,
 `kernels()` returns None and callers keep their torch path (the reference the tests compare to).
 Compiled code is cached (numba's cache, next to this file or in numba's user cache folder), so
-only the first run on a machine pays the compilation (a few seconds); later runs load it in
-~0.2 s, which the engine overlaps with reading the first layer (`warm_up`).
+only the first run on a machine pays the compilation (~1.5 s on two cores); later runs load it
+in ~0.4 s with the numba import, which the engine overlaps with reading the first layer
+(`warm_up`).
 """
 from __future__ import annotations
 
@@ -93,6 +94,7 @@ def as_numpy(t: torch.Tensor) -> np.ndarray | None:
 
 
 _FP16: np.ndarray | None = None
+_NO_TABLE = np.empty(0, np.float32)
 
 
 def fp16_table() -> np.ndarray:
@@ -101,6 +103,11 @@ def fp16_table() -> np.ndarray:
     if _FP16 is None:
         _FP16 = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.float16).float().numpy()
     return _FP16
+
+
+def table_for(dtype: torch.dtype) -> np.ndarray:
+    """The `lut` argument of `rtn_rows` for weights of `dtype` (empty unless fp16)."""
+    return fp16_table() if dtype == torch.float16 else _NO_TABLE
 
 
 def count_non_finite(t: torch.Tensor) -> int | None:
@@ -134,7 +141,7 @@ def _exercise(k: Any, dtype: torch.dtype) -> None:
     """Run every kernel once on tiny `dtype` inputs (compiling or loading that variant)."""
     w = torch.zeros(2, 8, dtype=dtype if dtype in _VIEWS else torch.float32)
     src = as_numpy(w)
-    lut = fp16_table() if w.dtype == torch.float16 else np.empty(0, np.float32)
+    lut = table_for(w.dtype)
     scale, zero = np.empty((2, 1), np.float32), np.empty((2, 1), np.int32)
     codes, packed = np.empty((2, 8), np.uint8), np.empty((2, 4), np.uint8)
     k.rtn_rows(src, lut, 0, 2, 8, 4, True, scale, zero, codes, True)
@@ -145,7 +152,7 @@ def _exercise(k: Any, dtype: torch.dtype) -> None:
 
 def warm_up(dtype: torch.dtype) -> None:
     """Load (or compile) the kernels a streaming job on `dtype` weights will call, on tiny inputs,
-    so that the first layer does not wait for it (~0.2 s from numba's cache, seconds to compile)."""
+    so that the first layer does not wait for it (~0.4 s from numba's cache, ~1.5 s to compile)."""
     k = kernels()
     if k is not None:
         _exercise(k, dtype)

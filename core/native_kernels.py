@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-import numba
+import numba  # noqa: F401 - core.native.status reports its version
 import numpy as np
 from numba import njit, types
 from numba.extending import overload

@@ -29,7 +29,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Callable, TypeVar
 
-import numpy as np
 import torch
 
 from core import buffers, native
@@ -438,9 +437,6 @@ def _split_rows(out: int, fn: Callable[[int, int], T], min_rows: int = 64) -> li
     return [first.result(), second]
 
 
-_NO_TABLE = np.empty(0, np.float32)
-
-
 def _rtn_rows_native(
     w: torch.Tensor, bits: int, sym: bool, gs: int, name: str | None, measure: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[float, float] | None] | None:
@@ -455,7 +451,7 @@ def _rtn_rows_native(
     scale = torch.empty(out, n_groups, dtype=torch.float32)
     zero = torch.empty(out, n_groups, dtype=torch.int32)
     codes = buffers.pool.empty((out, n_in), torch.uint8)
-    lut = native.fp16_table() if w.dtype == torch.float16 else _NO_TABLE
+    lut = native.table_for(w.dtype)
     s_np, z_np, c_np = scale.numpy(), zero.numpy(), codes.numpy()
     parts = _split_rows(out, lambda r0, r1: k.rtn_rows(src, lut, r0, r1, gs, bits, sym, s_np, z_np, c_np,
                                                        measure))

@@ -293,7 +293,7 @@ def test_kernels_interpreted_without_jit_give_the_same_codes() -> None:
         "print('same')\n"
     )
     env = {**os.environ, "NUMBA_DISABLE_JIT": "1", "QUANTSCOPE_NATIVE": "0"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env,
                          cwd=Path(__file__).resolve().parents[2], timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "same"
