@@ -139,31 +139,33 @@ def quantize_child(model: Path, out: Path) -> None:
 
 
 def _quantize(model: Path, out: Path) -> dict:
-    child = subprocess.run([sys.executable, __file__, "--child", str(model), str(out)], check=False, capture_output=True,
-                           text=True, cwd=Path(__file__).resolve().parent.parent)
+    child = subprocess.run([sys.executable, __file__, "--child", str(model), str(out)], check=False,
+                           capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
     if child.returncode != 0:
         sys.stderr.write(child.stderr)
         raise SystemExit(child.returncode)
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 
+def _read_gbs(model: Path, cold: bool) -> tuple[int, float]:
+    """(bytes, GB/s) of one raw read of the model's files (evicted first when cold)."""
+    if cold:
+        evict(model)
+    nbytes, seconds = raw_read(model)
+    return nbytes, nbytes / seconds / 1e9
+
+
 def _round(model: Path, out: Path, cold: bool) -> dict:
     """raw read, quantize, raw read again: this VM's disk speed drifts within minutes, so each
     quantization is compared with the reads on either side of it."""
-    reads = []
-    for when in ("before", "after"):
-        if when == "after":
-            if cold:
-                evict(model)
-            else:
-                raw_read(model)  # the quantization sees the same warm cache
-            q = _quantize(model, out)
-        if cold:
-            evict(model)
-        nbytes, read_s = raw_read(model)
-        reads.append(nbytes / read_s / 1e9)
-    q["raw_before_gbs"], q["raw_after_gbs"] = reads
-    q["nbytes"] = nbytes
+    nbytes, before = _read_gbs(model, cold)
+    if cold:
+        evict(model)
+    else:
+        raw_read(model)  # the quantization sees the same warm cache
+    q = _quantize(model, out)
+    _, after = _read_gbs(model, cold)
+    q.update(raw_before_gbs=before, raw_after_gbs=after, nbytes=nbytes)
     return q
 
 
