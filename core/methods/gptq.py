@@ -163,11 +163,14 @@ def gptq_quantize(
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
 
+    # One grid for the whole row, fitted before any error is propagated: per tensor, per channel,
+    # and per group when the group covers the whole row (group size ≥ in_features, e.g. 128 on a
+    # 64-wide layer or 1024 on a 576-wide one) — that is the per-channel grid, not a dynamic group.
     tensor_params: tuple[torch.Tensor, torch.Tensor] | None = None
     if config.granularity is Granularity.TENSOR:
         s, z = choose_qparams(W, bits, sym, Granularity.TENSOR, n_in)
         tensor_params = (s.reshape(1).float().expand(out_f), z.reshape(1).float().expand(out_f))
-    elif config.granularity is Granularity.CHANNEL:
+    elif not grouped:
         tensor_params = _params(W, bits, sym)
 
     n_groups = num_groups(n_in, gs)  # ceil: the last group is ragged when gs does not divide n_in
