@@ -12,7 +12,7 @@ import pytest
 
 import interrupted
 from core.cli import main
-from core.output import OutputWriter, partial_dir
+from core.output import partial_dir
 
 LAYERS = 6
 
@@ -54,27 +54,18 @@ def assert_same_output(a: Path, b: Path) -> None:
 def crash_in_process(args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """Run the CLI and die once layer 0 is journaled, leaving the temporary folder behind as a
     killed process would (cheaper than a subprocess for tests that only need the leftover)."""
-    from core.events import LayerDone
     from core.cli import quantize as cli_quantize
 
-    class Crash(Exception):
-        pass
+    with interrupted.crash_once_journaled(1, 7) as crash_hook:
+        class CrashingPrinter(cli_quantize.ProgressPrinter):
+            def __call__(self, event: Any) -> None:
+                crash_hook(event)
+                super().__call__(event)
 
-    seen = {"n": 0}
-
-    class CrashingPrinter(cli_quantize.ProgressPrinter):
-        def __call__(self, event: Any) -> None:
-            if isinstance(event, LayerDone):
-                seen["n"] += 1
-                if seen["n"] == 8:  # first linear of layer 1: layer 0 is journaled
-                    raise Crash
-            super().__call__(event)
-
-    with monkeypatch.context() as m:
-        m.setattr(OutputWriter, "abort", lambda self: None)
-        m.setattr(cli_quantize, "ProgressPrinter", CrashingPrinter)
-        with pytest.raises(Crash):
-            main(args)
+        with monkeypatch.context() as m:
+            m.setattr(cli_quantize, "ProgressPrinter", CrashingPrinter)
+            with pytest.raises(interrupted.Crash):
+                main(args)
 
 
 @pytest.fixture(scope="module")

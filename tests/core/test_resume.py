@@ -4,6 +4,7 @@ the tensors of an uninterrupted run; anything that makes the journal untrustwort
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,17 +12,15 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import interrupted
 from core.config import CalibConfig, GPTQConfig, QuantJob, RTNConfig
 from core.engine import find_interrupted, run_quantization
 from core.events import LayerDone, Log
 from core.output import JOURNAL_FILE, OutputWriter, partial_dir
 
 LAYERS = 4
+LINEARS_PER_LAYER = 7
 CALIB = CalibConfig(samples=4, seq_len=32)
-
-
-class Crash(Exception):
-    """Stands in for the process dying: raised from the event sink once some layers are done."""
 
 
 def read_output(folder: Path) -> dict[str, torch.Tensor]:
@@ -40,24 +39,15 @@ def assert_same_output(a: Path, b: Path) -> None:
     assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
 
 
-def crash_after(job: QuantJob, layers_done: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run `job` and die after `layers_done` decoder layers were journaled, leaving the temporary
-    folder in place (the crash case: nothing could clean up)."""
-    per_layer = {"n": 0}
-    linears_per_layer = 7
-
-    def sink(event: Any) -> None:
-        if isinstance(event, LayerDone):
-            per_layer["n"] += 1
-            # The first LayerDone of layer k+1 comes after layer k was journaled.
-            if per_layer["n"] == layers_done * linears_per_layer + 1:
-                raise Crash
-
-    with monkeypatch.context() as m:
-        m.setattr(OutputWriter, "abort", lambda self: None)
-        with pytest.raises(Crash):
-            run_quantization(job, sink=sink)
-    assert (partial_dir(job.out) / JOURNAL_FILE).is_file()
+def crash_after(job: QuantJob, layers_done: int) -> None:
+    """Run `job` and die once `layers_done` decoder layers were journaled (see
+    interrupted.crash_once_journaled), leaving the temporary folder in place (the crash case:
+    nothing could clean up)."""
+    with interrupted.crash_once_journaled(layers_done, LINEARS_PER_LAYER) as hook:
+        with pytest.raises(interrupted.Crash):
+            run_quantization(job, sink=hook)
+    journal = json.loads((partial_dir(job.out) / JOURNAL_FILE).read_text())
+    assert sorted(journal["layers"], key=int) == [str(i) for i in range(layers_done)]
 
 
 def run_logged(job: QuantJob) -> list[str]:
@@ -73,13 +63,12 @@ def model6(tiny_model_factory: Any) -> Path:
 
 @pytest.mark.parametrize("method", [RTNConfig(bits=4, group_size=32), GPTQConfig(bits=4, group_size=32)],
                          ids=["rtn", "gptq"])
-def test_resumed_run_equals_an_uninterrupted_one(model6: Path, tmp_path: Path, method: Any,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resumed_run_equals_an_uninterrupted_one(model6: Path, tmp_path: Path, method: Any) -> None:
     calib = CALIB if method.method == "gptq" else None
     ref = tmp_path / "ref"
     run_quantization(QuantJob(model=model6, out=ref, method=method, calib=calib))
     out = tmp_path / "out"
-    crash_after(QuantJob(model=model6, out=out, method=method, calib=calib), 2, monkeypatch)
+    crash_after(QuantJob(model=model6, out=out, method=method, calib=calib), 2)
     found = find_interrupted(out)
     assert found is not None and (found.layers_done, found.total_layers, found.method) == (2, LAYERS, method.method)
     logs = run_logged(QuantJob(model=model6, out=out, method=method, calib=calib, resume=True))
@@ -90,10 +79,26 @@ def test_resumed_run_equals_an_uninterrupted_one(model6: Path, tmp_path: Path, m
     assert not list(out.glob("calib-after-layer-*"))
 
 
-def test_changed_settings_start_fresh_and_say_why(model6: Path, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_crash_point_waits_for_a_writer_that_lags_behind(model6: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # A loaded machine, made reproducible: the writer thread journals every layer 0.3 s late, so at
+    # layer 2's first LayerDone layer 1 is still queued. The crash must still come after layer 1.
+    record_layer = OutputWriter.record_layer
+
+    def late(writer: OutputWriter, *args: Any, **kwargs: Any) -> None:
+        time.sleep(0.3)
+        record_layer(writer, *args, **kwargs)
+
+    monkeypatch.setattr(OutputWriter, "record_layer", late)
     out = tmp_path / "out"
-    crash_after(QuantJob(model=model6, out=out, method=RTNConfig(bits=4, group_size=32)), 2, monkeypatch)
+    crash_after(QuantJob(model=model6, out=out, method=RTNConfig(bits=4, group_size=32)), 2)
+    found = find_interrupted(out)
+    assert found is not None and found.layers_done == 2
+
+
+def test_changed_settings_start_fresh_and_say_why(model6: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    crash_after(QuantJob(model=model6, out=out, method=RTNConfig(bits=4, group_size=32)), 2)
     changed = QuantJob(model=model6, out=out, method=RTNConfig(bits=8, group_size=32), resume=True)
     logs = run_logged(changed)
     assert any(line.startswith("warning: not resuming, starting fresh") and "settings" in line for line in logs)
@@ -103,14 +108,13 @@ def test_changed_settings_start_fresh_and_say_why(model6: Path, tmp_path: Path,
     assert_same_output(ref, out)
 
 
-def test_a_touched_model_file_changes_the_fingerprint(model6: Path, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_touched_model_file_changes_the_fingerprint(model6: Path, tmp_path: Path) -> None:
     import shutil
 
     model = Path(shutil.copytree(model6, tmp_path / "model"))
     out = tmp_path / "out"
     method = RTNConfig(bits=4, group_size=32)
-    crash_after(QuantJob(model=model, out=out, method=method), 1, monkeypatch)
+    crash_after(QuantJob(model=model, out=out, method=method), 1)
     weights = next(model.glob("*.safetensors"))
     st = weights.stat()
     import os
@@ -120,11 +124,10 @@ def test_a_touched_model_file_changes_the_fingerprint(model6: Path, tmp_path: Pa
     assert any(line.startswith("warning: not resuming, starting fresh") for line in logs)
 
 
-def test_a_corrupted_shard_is_detected_and_the_run_starts_fresh(model6: Path, tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_corrupted_shard_is_detected_and_the_run_starts_fresh(model6: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     method = RTNConfig(bits=4, group_size=32)
-    crash_after(QuantJob(model=model6, out=out, method=method), 2, monkeypatch)
+    crash_after(QuantJob(model=model6, out=out, method=method), 2)
     journal = json.loads((partial_dir(out) / JOURNAL_FILE).read_text())
     shard = partial_dir(out) / journal["layers"]["1"]["shard"]
     data = bytearray(shard.read_bytes())
@@ -137,11 +140,10 @@ def test_a_corrupted_shard_is_detected_and_the_run_starts_fresh(model6: Path, tm
     assert_same_output(ref, out)
 
 
-def test_a_truncated_shard_and_a_garbled_journal_are_detected(model6: Path, tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_truncated_shard_and_a_garbled_journal_are_detected(model6: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     method = RTNConfig(bits=4, group_size=32)
-    crash_after(QuantJob(model=model6, out=out, method=method), 2, monkeypatch)
+    crash_after(QuantJob(model=model6, out=out, method=method), 2)
     journal = json.loads((partial_dir(out) / JOURNAL_FILE).read_text())
     shard = partial_dir(out) / journal["layers"]["0"]["shard"]
     shard.write_bytes(shard.read_bytes()[:100])
@@ -149,18 +151,17 @@ def test_a_truncated_shard_and_a_garbled_journal_are_detected(model6: Path, tmp_
     assert any("starting fresh" in line and shard.name in line and "damaged" in line for line in logs)
 
     out2 = tmp_path / "out2"
-    crash_after(QuantJob(model=model6, out=out2, method=method), 1, monkeypatch)
+    crash_after(QuantJob(model=model6, out=out2, method=method), 1)
     (partial_dir(out2) / JOURNAL_FILE).write_text('{"layers": {"0": ')
     assert find_interrupted(out2) is None
     logs = run_logged(QuantJob(model=model6, out=out2, method=method, resume=True))
     assert any("starting fresh" in line and "journal" in line for line in logs)
 
 
-def test_a_leftover_without_resume_is_reported_and_replaced(model6: Path, tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_leftover_without_resume_is_reported_and_replaced(model6: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     method = RTNConfig(bits=4, group_size=32)
-    crash_after(QuantJob(model=model6, out=out, method=method), 1, monkeypatch)
+    crash_after(QuantJob(model=model6, out=out, method=method), 1)
     logs = run_logged(QuantJob(model=model6, out=out, method=method))
     assert any(line.startswith("warning: an interrupted job was found") and f"1/{LAYERS} layers" in line
                and "replaced" in line for line in logs)
