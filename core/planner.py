@@ -24,6 +24,7 @@ from core.catalog import GPUSpec
 from core.config import GPTQ_KEEP_MAX_BYTES
 from core.formats import DEFAULT_PLAN_FORMATS, Format, Kind, Support, get_format, gguf_tensor_type, gguf_type_bpw, support
 from core.param_count import ModelSpec, TensorSpec, classify, describe, from_config, text_config
+from core.validate import check_config_bounds
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ def load_model(model: Any) -> ModelSpec:
     if isinstance(model, ModelSpec):
         return model
     if isinstance(model, dict):
+        check_config_bounds(text_config(model), "config")
         return from_config(model, name=str(model.get("_name_or_path") or model.get("model_type") or "config"))
     if hasattr(model, "tensors") and hasattr(model, "config") and hasattr(model, "path"):
         return _from_source(model)
@@ -90,6 +92,7 @@ def load_model(model: Any) -> ModelSpec:
             raise ValueError(f"corrupt {path}: {exc}; fix the JSON or re-download it") from None
         if not isinstance(cfg, dict):
             raise ValueError(f"{path} is not a JSON object; pass a model's config.json")
+        check_config_bounds(text_config(cfg), str(path))
         return from_config(cfg, name=path.parent.name or path.name, where=str(path))
     if ("/" in s or s.startswith(".")) and catalog.find_model(s) is None:
         raise ValueError(f"model folder not found: {s} (pass an existing folder, a config.json or a catalog id)")
@@ -103,6 +106,7 @@ def load_model(model: Any) -> ModelSpec:
 def _from_source(src: Any) -> ModelSpec:
     cfg = text_config(dict(src.config))
     where = str(Path(src.path) / "config.json")
+    check_config_bounds(cfg, where)
     if not src.has_weights:
         return from_config(cfg, name=Path(src.path).name, where=where)
     from core.param_count import _moe_geometry, check_config
@@ -461,9 +465,17 @@ def _row(s: _Setup, fmt_name: str, gpu_layers: int | None) -> FormatPlan:
         return gpu_b, cpu_b
 
     if gpu_layers is None:
-        n = L
-        while n > 0 and usage(n)[0] > capacity:
-            n -= 1
+        # The most layers whose GPU bytes fit. GPU bytes only grow with n (each layer adds its
+        # weights, and its KV where the KV follows the layer), so a bisection finds the same n as
+        # counting down from L, in O(L log L) instead of O(L²).
+        lo, hi = 0, L
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if usage(mid)[0] > capacity:
+                hi = mid - 1
+            else:
+                lo = mid
+        n = lo
     else:
         if not 0 <= gpu_layers <= L:
             raise ValueError(f"gpu_layers must be between 0 and {L} (the model's decoder layers), got {gpu_layers}")
