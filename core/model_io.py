@@ -261,19 +261,19 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
             )
         infos[name] = TensorInfo(name, shape, dtype, file, (begin, end), data_start + begin)
     # The byte ranges must tile the data section exactly, as the safetensors library requires:
-    # a gap or an overlap means two tensors share bytes or the header was edited.
-    covered, previous = 0, None
+    # an overlap means two tensors share bytes, a gap bytes that belong to no tensor (an edited
+    # header). Overlaps are reported first: a tensor moved onto another's bytes leaves a gap too.
+    covered, previous, gap = 0, None, None
     for info in sorted(infos.values(), key=lambda t: t.data_offsets):
         begin, end = info.data_offsets
-        if begin != covered:
-            if previous is None:
-                what = f"tensor {info.name!r} starts at data byte {begin}; the first tensor must start at 0"
-            elif begin < covered:
-                what = f"tensors {previous!r} and {info.name!r} overlap (bytes {begin}-{covered})"
-            else:
-                what = f"bytes {covered}-{begin} between tensors {previous!r} and {info.name!r} belong to no tensor"
-            raise _header_error(file, what)
-        covered, previous = end, info.name
+        if begin < covered:
+            raise _header_error(file, f"tensors {previous!r} and {info.name!r} overlap (bytes {begin}-{covered})")
+        if begin > covered and gap is None:
+            gap = (f"bytes {covered}-{begin} before tensor {info.name!r} belong to no tensor" if previous is None
+                   else f"bytes {covered}-{begin} between tensors {previous!r} and {info.name!r} belong to no tensor")
+        covered, previous = max(covered, end), info.name
+    if gap is not None:
+        raise _header_error(file, gap)
     if covered != data_size:
         raise _header_error(file, f"{data_size - covered} trailing bytes after the last tensor "
                                   f"(the data section has {data_size} bytes, the tensors cover {covered})")
