@@ -17,7 +17,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from core import catalog
 from core.catalog import GPUSpec
@@ -407,6 +407,21 @@ def _layer_order(s: _Setup) -> list[int]:
     return list(range(L)) if ENGINE_PROFILES[s.engine].gpu_layers_first else list(range(L - 1, -1, -1))
 
 
+def most_layers_that_fit(num_layers: int, fits: Callable[[int], bool]) -> int:
+    """The largest n in [0, num_layers] with fits(n), or 0 when none fits. GPU bytes only grow
+    with the layers placed on it (each adds its weights, and its KV where the KV follows the
+    layer), so fits is monotone and a bisection finds the same n as counting down from the top
+    with O(log L) calls instead of O(L) — each call sums O(L) layers, so O(L log L) in all."""
+    lo, hi = 0, num_layers
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def _row(s: _Setup, fmt_name: str, gpu_layers: int | None) -> FormatPlan:
     spec, prof = s.spec, ENGINE_PROFILES[s.engine]
     stored = fmt_name == "stored" or (spec.quantization_config is not None and spec.exact)
@@ -465,17 +480,7 @@ def _row(s: _Setup, fmt_name: str, gpu_layers: int | None) -> FormatPlan:
         return gpu_b, cpu_b
 
     if gpu_layers is None:
-        # The most layers whose GPU bytes fit. GPU bytes only grow with n (each layer adds its
-        # weights, and its KV where the KV follows the layer), so a bisection finds the same n as
-        # counting down from L, in O(L log L) instead of O(L²).
-        lo, hi = 0, L
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if usage(mid)[0] > capacity:
-                hi = mid - 1
-            else:
-                lo = mid
-        n = lo
+        n = most_layers_that_fit(L, lambda k: usage(k)[0] <= capacity)
     else:
         if not 0 <= gpu_layers <= L:
             raise ValueError(f"gpu_layers must be between 0 and {L} (the model's decoder layers), got {gpu_layers}")
