@@ -114,3 +114,18 @@ def test_malformed_model_is_refused_in_one_line_and_nothing_changes(
         assert "Traceback" not in line
         assert _snapshot(source_root) == before, command
         assert list(work.iterdir()) == [], (command, list(work.iterdir()))
+
+
+@pytest.mark.parametrize("damage", [bad.tokenizer_invalid_json, bad.tokenizer_unloadable])
+def test_damaged_tokenizer_is_copied_with_a_warning_without_strict(
+        damage: Callable[[Path], None], tiny_llama_dir: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    damage(model)
+    out = tmp_path / "out"
+    assert main(["quantize", "--model", str(model), "--method", "rtn", "--out", str(out)]) == 0
+    warnings = [e for e in capsys.readouterr().err.splitlines() if e.startswith("warning:")]
+    assert len(warnings) == 1 and str(model / "tokenizer.json") in warnings[0]
+    assert "copied into the output as it is (--strict refuses it)" in warnings[0]
+    assert (out / "tokenizer.json").read_bytes() == (model / "tokenizer.json").read_bytes()
