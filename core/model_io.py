@@ -323,7 +323,7 @@ def _weight_files(path: Path, weight_map: dict[str, str] | None) -> list[Path]:
 
 def _collect_tensors(path: Path, files: list[Path], weight_map: dict[str, str] | None) -> dict[str, TensorInfo]:
     """Every tensor of the folder, each from exactly one file. With an index a tensor comes from
-    the shard the index assigns (a stray second copy elsewhere is ignored, as transformers does);
+    the shard the index assigns (a stray second copy in another shard is ignored);
     without one, a tensor stored in two files is ambiguous and refused."""
     tensors: dict[str, TensorInfo] = {}
     for file in files:

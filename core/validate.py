@@ -136,7 +136,8 @@ def check_tensors_match_config(source: ModelSource) -> None:
             f"to {beyond[-1]} ({name}); set num_hidden_layers to {beyond[-1] + 1} or re-download the model"
         )
     if quantized:
-        absent = [i for i in range(L) if i not in set(stored_layers)]
+        present = set(stored_layers)
+        absent = [i for i in range(L) if i not in present]
         if absent:
             raise ConfigMismatchError(
                 f"{config_path} says num_hidden_layers = {L} but {source.path} stores no tensors of decoder layer "
