@@ -228,7 +228,8 @@ def _jsonl_from(f: BinaryIO, path: Path, offset: int, nbytes: int) -> tuple[str,
         try:
             record = json.loads(decoded)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: line at byte {where}: invalid JSON ({exc.msg}); fix or remove that line") from None
+            raise ValueError(f"{path}: line at byte {where}: invalid JSON ({exc.msg}); "
+                             "fix or remove that line") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise ValueError(f"{path}: line at byte {where}: needs a string \"text\" field; every line must be an "
                              "object like {\"text\": \"...\"}")

@@ -41,6 +41,8 @@ CONFIG_LIMITS: dict[str, int] = {
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 
+Shapes = dict[str, tuple[int, ...]]  # tensor name -> shape
+
 
 class ConfigMismatchError(ValueError):
     """config.json and the stored tensors disagree (one line: tensor, expected and stored shape)."""
@@ -69,7 +71,7 @@ def _positive(config: dict[str, Any], key: str, where: Path) -> int:
     return value
 
 
-def expected_shapes(config: dict[str, Any], where: Path) -> tuple[int, dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+def expected_shapes(config: dict[str, Any], where: Path) -> tuple[int, Shapes, Shapes]:
     """(num_hidden_layers, required tensor shapes, optional tensor shapes) of a Llama-family
     model (Llama, Mistral, Qwen2, Qwen3) as its config describes it. Optional tensors are biases
     and q/k norms, checked when stored."""
@@ -90,8 +92,8 @@ def expected_shapes(config: dict[str, Any], where: Path) -> tuple[int, dict[str,
             raise ConfigMismatchError(f"{where}: hidden_size {H} is not divisible by num_attention_heads {nh} and "
                                       "there is no head_dim; fix config.json")
         hd = H // nh
-    required: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
-    optional: dict[str, tuple[int, ...]] = {"lm_head.weight": (V, H)}
+    required: Shapes = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
+    optional: Shapes = {"lm_head.weight": (V, H)}
     for i in range(L):
         p = f"model.layers.{i}."
         required |= {
