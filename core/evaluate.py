@@ -105,6 +105,11 @@ def evaluate(
     start = time.perf_counter()
     if text != BUILTIN and not Path(text).expanduser().is_file():
         raise ValueError(f"text file not found: {text} (use 'builtin' or a .txt/.jsonl file)")
+    if Path(model_path).expanduser().is_dir():
+        # Headers only (milliseconds): a malformed folder is refused before any progress line.
+        from core.model_io import open_model
+
+        open_model(model_path, check_architecture=False)
     sink(StageStarted("load", message=f"loading {model_path}"))
     model, tokenizer = load_model(model_path)
     model.to(device)

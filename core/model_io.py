@@ -187,72 +187,167 @@ class ModelSource:
         return {n: out[n] for n in names}
 
 
+class InvalidModelError(ValueError):
+    """A model folder whose files are malformed or disagree with each other. The message is one
+    line naming the file and what to do; the CLI prints it and exits with status 2."""
+
+
+def _header_error(file: Path, what: str) -> InvalidModelError:
+    return InvalidModelError(f"corrupt safetensors header in {file}: {what}; re-download or re-save it")
+
+
+def _header_int(value: object) -> int | None:
+    """A non-negative JSON integer, else None (JSON booleans are not integers here)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
 def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
-    """Parse one safetensors file's header and check that every tensor's bytes are inside the
-    file and consistent with its shape and dtype. Raises ValueError naming the file."""
+    """Parse one safetensors file's header and validate it as strictly as the safetensors library
+    does before any byte of data is used: every entry has a known dtype, a shape of non-negative
+    integers and a [begin, end] byte range whose length is exactly shape × dtype size; the ranges,
+    sorted, tile the data section with no gap, overlap or trailing byte. Raises InvalidModelError
+    (a ValueError) naming the file."""
     file = Path(file)
     size = file.stat().st_size
     with open(file, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise ValueError(f"corrupt safetensors header in {file}: file is only {size} bytes; re-download or re-save it")
+            raise _header_error(file, f"file is only {size} bytes")
         (n,) = struct.unpack("<Q", head)
         if n > _MAX_HEADER or 8 + n > size:
-            raise ValueError(
-                f"corrupt safetensors header in {file}: header length {n} does not fit a {size}-byte file; "
-                "re-download or re-save it"
-            )
+            raise _header_error(file, f"header length {n} does not fit a {size}-byte file")
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
         if not isinstance(header, dict):
             raise TypeError("header is not a JSON object")
     except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as exc:
-        raise ValueError(f"corrupt safetensors header in {file}: {exc}; re-download or re-save it") from None
+        raise _header_error(file, str(exc)) from None
     data_start = 8 + n
     data_size = size - data_start
+    metadata = header.get("__metadata__")
+    if metadata is not None and not (isinstance(metadata, dict)
+                                     and all(isinstance(v, str) for v in metadata.values())):
+        raise _header_error(file, "__metadata__ must map names to strings")
     infos: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype = str(entry["dtype"])
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(
-                f"corrupt safetensors header in {file}: bad entry for tensor {name!r}; re-download or re-save it"
-            ) from None
-        if dtype not in DTYPES:
-            raise ValueError(f"unsupported dtype {dtype} for tensor {name!r} in {file}")
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+            raise _header_error(file, f"bad entry for tensor {name!r}")
+        dtype, raw_shape, raw_offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise InvalidModelError(f"unsupported dtype {dtype} for tensor {name!r} in {file}; "
+                                    f"re-save it in one of {', '.join(DTYPES)}")
+        if not isinstance(raw_shape, list) or any(_header_int(d) is None for d in raw_shape):
+            raise _header_error(file, f"tensor {name!r} has shape {raw_shape!r}; dimensions must be "
+                                      "non-negative integers")
+        if (not isinstance(raw_offsets, list) or len(raw_offsets) != 2
+                or any(_header_int(x) is None for x in raw_offsets)):
+            raise _header_error(file, f"tensor {name!r} has data_offsets {raw_offsets!r}; they must be two "
+                                      "non-negative integers [begin, end]")
+        shape = tuple(raw_shape)
+        begin, end = raw_offsets
         expected = math.prod(shape) * DTYPES[dtype][1]
         if end < begin or end - begin != expected:
-            raise ValueError(
-                f"corrupt safetensors header in {file}: tensor {name!r} has {end - begin} bytes but "
-                f"shape {list(shape)} {dtype} needs {int(expected)}; re-download or re-save it"
-            )
+            raise _header_error(file, f"tensor {name!r} has {end - begin} bytes but shape {list(shape)} {dtype} "
+                                      f"needs {int(expected)}")
         if end > data_size:
-            raise ValueError(
+            raise InvalidModelError(
                 f"truncated safetensors file {file}: tensor {name!r} ends at byte {data_start + end} "
                 f"but the file has {size} bytes; the download or copy was cut short, fetch the file again"
             )
         infos[name] = TensorInfo(name, shape, dtype, file, (begin, end), data_start + begin)
+    # The byte ranges must tile the data section exactly, as the safetensors library requires:
+    # an overlap means two tensors share bytes, a gap bytes that belong to no tensor (an edited
+    # header). Overlaps are reported first: a tensor moved onto another's bytes leaves a gap too.
+    covered, previous, gap = 0, None, None
+    for info in sorted(infos.values(), key=lambda t: t.data_offsets):
+        begin, end = info.data_offsets
+        if begin < covered:
+            raise _header_error(file, f"tensors {previous!r} and {info.name!r} overlap (bytes {begin}-{covered})")
+        if begin > covered and gap is None:
+            gap = (f"bytes {covered}-{begin} before tensor {info.name!r} belong to no tensor" if previous is None
+                   else f"bytes {covered}-{begin} between tensors {previous!r} and {info.name!r} belong to no tensor")
+        covered, previous = max(covered, end), info.name
+    if gap is not None:
+        raise _header_error(file, gap)
+    if covered != data_size:
+        raise _header_error(file, f"{data_size - covered} trailing bytes after the last tensor "
+                                  f"(the data section has {data_size} bytes, the tensors cover {covered})")
     return infos
 
 
-def _weight_files(path: Path) -> list[Path]:
+def _confined_name(path: Path, index: Path, tensor: str, name: object) -> str:
+    """A shard name from the index, refused unless it names a file inside the model folder.
+    Confined by the name as written (no absolute path, no `..`), not by where a symlink points:
+    a Hugging Face cache snapshot holds symlinks into ../../blobs, which stay allowed."""
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidModelError(f"corrupt shard index {index}: tensor {tensor!r} maps to {name!r}, not a file "
+                                "name; re-download or re-save it")
+    parts = Path(name).parts
+    if Path(name).is_absolute() or name.startswith(("/", "\\")) or ".." in parts or "\\" in name:
+        raise InvalidModelError(
+            f"shard index {index} points tensor {tensor!r} at {name!r}, outside the model folder {path}; "
+            "every shard must be a file inside the folder: fix the weight_map or re-download the model"
+        )
+    return name
+
+
+def _read_index(path: Path) -> dict[str, str] | None:
+    """The index's weight_map (tensor name -> shard name inside `path`), or None without an index."""
     index = path / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted({str(v) for v in weight_map.values()})
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(f"corrupt shard index {index}: {exc!r}; re-download or re-save it") from None
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise InvalidModelError(f"corrupt shard index {index}: {exc!r}; re-download or re-save it") from None
+    return {str(t): _confined_name(path, index, str(t), f) for t, f in weight_map.items()}
+
+
+def _weight_files(path: Path, weight_map: dict[str, str] | None) -> list[Path]:
+    if weight_map is not None:
+        files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (path / f).is_file()]
         if missing:
-            raise ValueError(f"shard {missing[0]} listed in {index} is missing; download all shards into {path}")
+            raise InvalidModelError(f"shard {missing[0]} listed in {path / INDEX_FILE} is missing; "
+                                    f"download all shards into {path}")
         return [path / f for f in files]
     return sorted(p for p in path.glob("*.safetensors") if p.is_file())
+
+
+def _collect_tensors(path: Path, files: list[Path], weight_map: dict[str, str] | None) -> dict[str, TensorInfo]:
+    """Every tensor of the folder, each from exactly one file. With an index a tensor comes from
+    the shard the index assigns (a stray second copy in another shard is ignored);
+    without one, a tensor stored in two files is ambiguous and refused."""
+    tensors: dict[str, TensorInfo] = {}
+    for file in files:
+        rel = file.relative_to(path).as_posix()
+        for name, info in read_safetensors_header(file).items():
+            assigned = weight_map.get(name) if weight_map is not None else None
+            if assigned is not None:
+                if Path(assigned).as_posix() == rel:
+                    tensors[name] = info
+                continue
+            if name in tensors:
+                raise InvalidModelError(
+                    f"tensor {name!r} is stored twice, in {tensors[name].file} and in {file}; remove the stale "
+                    f"file from {path} (or add a model.safetensors.index.json that says which copy is meant)"
+                )
+            tensors[name] = info
+    if weight_map is not None:
+        for name, shard in weight_map.items():
+            if name not in tensors:
+                raise InvalidModelError(
+                    f"{path / INDEX_FILE} assigns tensor {name!r} to {shard}, which does not contain it; "
+                    "re-download the shards and index together"
+                )
+    return tensors
 
 
 def _refuse_pickle(path: Path) -> None:
@@ -297,12 +392,14 @@ def open_model(path: str | os.PathLike, *, check_architecture: bool = True) -> M
     source = ModelSource(path=path, config=config, architecture=architecture)
     if check_architecture:
         source.require_supported()
-    files = _weight_files(path)
+    weight_map = _read_index(path)
+    files = _weight_files(path, weight_map)
     if not files:
         _refuse_pickle(path)
         return source
-    for file in files:
-        for name, info in read_safetensors_header(file).items():
-            source.tensors[name] = info
+    source.tensors = _collect_tensors(path, files, weight_map)
     source.files = files
+    from core.validate import check_tensors_match_config
+
+    check_tensors_match_config(source)
     return source

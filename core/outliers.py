@@ -397,8 +397,8 @@ def inspect_model(
         raise ValueError(f"threshold must be positive (6.0 is the LLM.int8 default), got {threshold}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be between 0 and 1, got {alpha}")
+    src = streamable_source(path)  # headers only; opened first so a broken folder is its one error line
     sink(StageStarted("load", message=str(path)))
-    src = streamable_source(path)
     if src is not None:
         layers, quantized = _inspect_streamed(src, calib, threshold, alpha, sink, cancel), False
     else:

@@ -17,13 +17,14 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from core import catalog
 from core.catalog import GPUSpec
 from core.config import GPTQ_KEEP_MAX_BYTES
 from core.formats import DEFAULT_PLAN_FORMATS, Format, Kind, Support, get_format, gguf_tensor_type, gguf_type_bpw, support
 from core.param_count import ModelSpec, TensorSpec, classify, describe, from_config, text_config
+from core.validate import check_config_bounds
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ def load_model(model: Any) -> ModelSpec:
     if isinstance(model, ModelSpec):
         return model
     if isinstance(model, dict):
+        check_config_bounds(text_config(model), "config")
         return from_config(model, name=str(model.get("_name_or_path") or model.get("model_type") or "config"))
     if hasattr(model, "tensors") and hasattr(model, "config") and hasattr(model, "path"):
         return _from_source(model)
@@ -90,6 +92,7 @@ def load_model(model: Any) -> ModelSpec:
             raise ValueError(f"corrupt {path}: {exc}; fix the JSON or re-download it") from None
         if not isinstance(cfg, dict):
             raise ValueError(f"{path} is not a JSON object; pass a model's config.json")
+        check_config_bounds(text_config(cfg), str(path))
         return from_config(cfg, name=path.parent.name or path.name, where=str(path))
     if ("/" in s or s.startswith(".")) and catalog.find_model(s) is None:
         raise ValueError(f"model folder not found: {s} (pass an existing folder, a config.json or a catalog id)")
@@ -103,6 +106,7 @@ def load_model(model: Any) -> ModelSpec:
 def _from_source(src: Any) -> ModelSpec:
     cfg = text_config(dict(src.config))
     where = str(Path(src.path) / "config.json")
+    check_config_bounds(cfg, where)
     if not src.has_weights:
         return from_config(cfg, name=Path(src.path).name, where=where)
     from core.param_count import _moe_geometry, check_config
@@ -403,6 +407,21 @@ def _layer_order(s: _Setup) -> list[int]:
     return list(range(L)) if ENGINE_PROFILES[s.engine].gpu_layers_first else list(range(L - 1, -1, -1))
 
 
+def most_layers_that_fit(num_layers: int, fits: Callable[[int], bool]) -> int:
+    """The largest n in [0, num_layers] with fits(n), or 0 when none fits. GPU bytes only grow
+    with the layers placed on it (each adds its weights, and its KV where the KV follows the
+    layer), so fits is monotone and a bisection finds the same n as counting down from the top
+    with O(log L) calls instead of O(L) — each call sums O(L) layers, so O(L log L) in all."""
+    lo, hi = 0, num_layers
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def _row(s: _Setup, fmt_name: str, gpu_layers: int | None) -> FormatPlan:
     spec, prof = s.spec, ENGINE_PROFILES[s.engine]
     stored = fmt_name == "stored" or (spec.quantization_config is not None and spec.exact)
@@ -461,9 +480,7 @@ def _row(s: _Setup, fmt_name: str, gpu_layers: int | None) -> FormatPlan:
         return gpu_b, cpu_b
 
     if gpu_layers is None:
-        n = L
-        while n > 0 and usage(n)[0] > capacity:
-            n -= 1
+        n = most_layers_that_fit(L, lambda k: usage(k)[0] <= capacity)
     else:
         if not 0 <= gpu_layers <= L:
             raise ValueError(f"gpu_layers must be between 0 and {L} (the model's decoder layers), got {gpu_layers}")

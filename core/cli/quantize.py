@@ -44,6 +44,9 @@ def register(subparsers: Any) -> None:
                    "the group size leaves a ragged last group in some linear)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse a model whose side files are damaged (a tokenizer.json that does not load) "
+                        "instead of warning and copying them as they are")
     p.add_argument("--resume", action="store_true",
                    help="continue a crashed job for the same --out from its last finished layer "
                         "(starts fresh, saying why, when the model or settings changed)")
@@ -230,11 +233,26 @@ def _verify(out: Path) -> tuple[dict[str, Any], str | None]:
         return {"ok": False, "error": str(exc)}, str(exc)
 
 
+def _check_tokenizer(args: argparse.Namespace) -> None:
+    """A tokenizer.json that does not load is copied into the output as is (the weights are still
+    good): a warning line by default, a refusal before anything is written with --strict."""
+    from core.events import Log
+    from core.validate import tokenizer_problem
+
+    problem = tokenizer_problem(args.model)
+    if problem is None:
+        return
+    if args.strict:
+        raise UserError(f"{problem} (--strict refuses a damaged tokenizer)")
+    ProgressPrinter()(Log("warning", f"{problem}; it is copied into the output as it is (--strict refuses it)"))
+
+
 def run(args: argparse.Namespace) -> int:
     from core.config import DEFAULT_SKIP, QuantJob
     from core.engine import run_quantization
 
     method = method_config(args)
+    _check_tokenizer(args)
     job = QuantJob(
         model=args.model, out=args.out, method=method, calib=calib_config(args), export=args.export,
         skip=tuple(dict.fromkeys(DEFAULT_SKIP + tuple(args.skip))), overwrite=args.overwrite,
