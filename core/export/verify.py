@@ -121,7 +121,8 @@ def _consumer_model(path: Path, layout: str) -> tuple[torch.nn.Module, str]:
             from core.export.reference import reference_model
 
             return reference_model(path), f"independent {layout.upper()} reference dequantizer (gptqmodel not installed)"
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, device_map="cpu")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, device_map="cpu",
+                                                 local_files_only=True, trust_remote_code=False)
     return model.eval(), f"transformers {_version('transformers')} + {_consumer_package(layout)}"
 
 
