@@ -56,6 +56,9 @@ PRE_TOKENIZER_REGEXES: dict[str, tuple[str, ...]] = {
     "qwen2": (_QWEN2,),
     "stablelm2": (_QWEN2,),
     "falcon": (r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, r"[0-9][0-9][0-9]"),
+    # What llama.cpp falls back to for an unnamed pre-tokenizer (and what Quantscope wrote before it
+    # identified them): kept to check such files, never written.
+    "default": (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"),
 }
 
 # llama.cpp treats a word that is already a whole token as that token, skipping the merges.
