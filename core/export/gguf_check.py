@@ -89,9 +89,9 @@ def _type_sizes() -> dict[int, tuple[int, int]]:
 
 def _walk(buf: Any, size: int) -> None:
     if size < _HEADER:
-        raise _Corrupt(f"only {size} bytes, shorter than a GGUF header: truncated or not a GGUF file")
+        raise _Corrupt(f"only {size} bytes, shorter than a GGUF header")
     if bytes(buf[:4]) != MAGIC:
-        raise _Corrupt(f"starts with {bytes(buf[:4])!r}, not the GGUF magic {MAGIC!r}: not a GGUF file")
+        raise _Corrupt(f"starts with {bytes(buf[:4])!r}, not the GGUF magic {MAGIC!r}")
     order = "<"
     version = struct.unpack_from("<I", buf, 4)[0]
     if version not in VERSIONS and struct.unpack_from(">I", buf, 4)[0] in VERSIONS:
@@ -153,7 +153,8 @@ def check_gguf(path: str | Path) -> None:
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
                 _walk(buf, size)
     except _Corrupt as exc:
-        raise ValueError(f"{path}: {exc}; the GGUF file is damaged, download or export it again") from None
+        raise ValueError(f"{path}: {exc}; not a readable GGUF file (damaged, truncated or not GGUF): "
+                         "download or export it again") from None
 
 
 def open_gguf(path: str | Path) -> Any:
