@@ -8,7 +8,8 @@ Quantscope reads, dequantized layer by layer — and writes one .gguf file with:
 * Tensors renamed with gguf-py's `TensorNameMap`; q_proj/k_proj rows permuted into the
   interleaved-pair RoPE order llama.cpp expects (as `convert_hf_to_gguf.py` does for Llama).
 * The BPE tokenizer from tokenizer.json (`gpt2` model: tokens, token types, merges, special ids,
-  chat template).
+  add-BOS/EOS flags, chat template) with the llama.cpp pre-tokenizer name that splits text as the
+  model's tokenizer does (`core.export.gguf_tokenizer`; unknown pre-tokenizers are refused).
 
 Types: F32, F16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 are quantized by gguf-py itself
 (`gguf.quants.quantize`, so the bytes are exactly gguf-py's); Q4_K, Q5_K and Q6_K by
