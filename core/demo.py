@@ -124,13 +124,17 @@ def _convert(source: Path, out: Path, sink: Sink) -> None:
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
+    from core.export.gguf_check import open_gguf
+
+    # Validate before transformers parses it: its reader trusts the header's counts.
+    reader = open_gguf(source)
     folder, name = str(source.parent), source.name
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name, local_files_only=True, trust_remote_code=False)
     if config.model_type != "llama":
         raise ValueError(f"{source}: expected a llama-architecture GGUF, found {config.model_type!r}")
     config.dtype = "float32"
     config.architectures = ["LlamaForCausalLM"]
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True, trust_remote_code=False)
 
     n_layers = config.num_hidden_layers
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
@@ -142,7 +146,6 @@ def _convert(source: Path, out: Path, sink: Sink) -> None:
         if mapped is not None:
             hf_names[f"{mapped}.{suffix}"] = hf
 
-    reader = gguf.GGUFReader(source)
     tensors: dict[str, torch.Tensor] = {}
     total = len(reader.tensors)
     for i, t in enumerate(reader.tensors):

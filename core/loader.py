@@ -112,7 +112,7 @@ def _load_quantized(source: ModelSource, dtype: torch.dtype) -> nn.Module:
             f"{source.path} lacks tensors {missing[:3]}{' …' if len(missing) > 3 else ''} that its config needs; "
             "the output is incomplete, quantize again"
         )
-    model = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
+    model = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype, trust_remote_code=False)
     del state
     for name, q in quantized.items():
         parent_name, _, child = name.rpartition(".")
@@ -156,7 +156,8 @@ def _load_gguf(path: Path, dtype: torch.dtype, with_tokenizer: bool) -> tuple[nn
         from transformers import AutoTokenizer
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True,
+                                                      trust_remote_code=False)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{path}: could not read its tokenizer ({exc}); the GGUF needs tokenizer.ggml.* metadata") from None
     return model, tokenizer

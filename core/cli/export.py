@@ -51,14 +51,14 @@ def _check(args: argparse.Namespace) -> None:
         raise UserError(f"--out {args.out} already exists; pass --overwrite to replace it or choose another path")
 
 
-def verify(path: Path, *, reference: Path | None = None, tokens: int = 128) -> dict[str, Any]:
+def verify(path: Path, *, reference: Path | None = None, source: Path | None = None, tokens: int = 128) -> dict[str, Any]:
     """Run load-back verification on a finished export and print one summary line on stderr;
     returns the report as a dict for JSON output. Raises VerifyError (exit code 2) on a mismatch.
     `quantscope quantize --verify` calls this on its output folder."""
     from core.cli.quantize import ProgressPrinter
     from core.export.verify import verify_export
 
-    report = verify_export(path, reference=reference, tokens=tokens, sink=ProgressPrinter())
+    report = verify_export(path, reference=reference, source=source, tokens=tokens, sink=ProgressPrinter())
     sys.stderr.write(
         f"verified {path.name} with {report.loader}: max logit diff {report.max_logit_diff:.3g} "
         f"(relative {report.rel_logit_diff:.2g}), perplexity {report.ppl_loader:.4f} vs {report.ppl_quantscope:.4f} "
@@ -92,7 +92,9 @@ def run(args: argparse.Namespace) -> int:
     report = None
     if args.verify:
         reference = args.reference if args.reference is not None else (None if args.format == "gguf" else args.model)
-        report = verify(out, reference=reference, tokens=args.tokens)
+        # A GGUF's own tokenization is checked against the tokenizer of the folder it came from.
+        source = args.model if args.format == "gguf" else None
+        report = verify(out, reference=reference, source=source, tokens=args.tokens)
     if args.json:
         doc: dict[str, Any] = {"output": str(out), "format": args.format, "source": str(args.model),
                                "seconds": round(seconds, 3), "size_gib": _size_gib(out)}

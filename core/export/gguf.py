@@ -8,7 +8,8 @@ Quantscope reads, dequantized layer by layer — and writes one .gguf file with:
 * Tensors renamed with gguf-py's `TensorNameMap`; q_proj/k_proj rows permuted into the
   interleaved-pair RoPE order llama.cpp expects (as `convert_hf_to_gguf.py` does for Llama).
 * The BPE tokenizer from tokenizer.json (`gpt2` model: tokens, token types, merges, special ids,
-  chat template).
+  add-BOS/EOS flags, chat template) with the llama.cpp pre-tokenizer name that splits text as the
+  model's tokenizer does (`core.export.gguf_tokenizer`; unknown pre-tokenizers are refused).
 
 Types: F32, F16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 are quantized by gguf-py itself
 (`gguf.quants.quantize`, so the bytes are exactly gguf-py's); Q4_K, Q5_K and Q6_K by
@@ -180,25 +181,66 @@ def _add_architecture(writer: Any, dims: LlamaDims, name: str) -> None:
         writer.add_value_length(dims.head_dim)
 
 
-def _add_tokenizer(writer: Any, folder: Path, vocab_size: int) -> None:
-    """gpt2-style BPE vocabulary from tokenizer.json, padded to the model's vocab size."""
-    import gguf
+def _load_source_tokenizer(folder: Path) -> Any:
+    """The model's own tokenizer, never running code from the folder (an `auto_map` in its
+    tokenizer_config.json is ignored, not offered)."""
     from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"{folder}: its tokenizer cannot be loaded without running code from the folder "
+                         f"({exc.__class__.__name__}), and Quantscope never runs a model's own code; the GGUF "
+                         "export needs a standard tokenizer.json (drop auto_map and a custom tokenizer_class from "
+                         "tokenizer_config.json if tokenizer.json is one)") from None
+
+
+def _special_flags(tok: Any) -> tuple[bool, bool]:
+    """(add BOS, add EOS) as the tokenizer really behaves: tokenizer_config.json's flags are often
+    absent (transformers 5 and Llama 3 put the BOS in tokenizer.json's post-processor)."""
+    plain = tok("a", add_special_tokens=False)["input_ids"]
+    full = tok("a", add_special_tokens=True)["input_ids"]
+    bos = tok.bos_token_id is not None and len(full) > len(plain) and full[0] == tok.bos_token_id
+    eos = tok.eos_token_id is not None and len(full) > len(plain) and full[-1] == tok.eos_token_id
+    return bool(bos), bool(eos)
+
+
+def _looks_special(token: str) -> bool:
+    """llama.cpp's converter marks these added tokens CONTROL even when tokenizer.json does not."""
+    return (token.startswith("<|") and token.endswith("|>")) or (token.startswith("<｜") and token.endswith("｜>"))
+
+
+def _add_tokenizer(writer: Any, folder: Path, vocab_size: int) -> None:
+    """gpt2-style BPE vocabulary from tokenizer.json, padded to the model's vocab size, with the
+    llama.cpp pre-tokenizer that splits text as the model's tokenizer does
+    (`core.export.gguf_tokenizer.identify_pre_tokenizer`; unknown ones are refused)."""
+    import gguf
+
+    from core.export.gguf_tokenizer import identify_pre_tokenizer
 
     path = folder / "tokenizer.json"
     if not path.is_file():
         raise ValueError(f"{folder} has no tokenizer.json; the GGUF export needs the model's BPE tokenizer there")
-    doc = json.loads(path.read_text())
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); copy tokenizer.json from the source model") from None
     model = doc.get("model") or {}
     if model.get("type") != "BPE":
         raise ValueError(f"{path}: tokenizer model {model.get('type')!r} is not BPE; GGUF export supports "
                          "byte-level BPE (gpt2-style) tokenizers")
+    if model.get("byte_fallback"):
+        raise ValueError(f"{path}: a byte-fallback BPE (SentencePiece-style) tokenizer; GGUF export supports "
+                         "byte-level BPE (gpt2-style) tokenizers")
+    tok = _load_source_tokenizer(folder)
+    pre = identify_pre_tokenizer(folder, tok)
     id_to_token: dict[int, str] = {int(i): t for t, i in model["vocab"].items()}
     types: dict[int, int] = {i: gguf.TokenType.NORMAL for i in id_to_token}
     for added in doc.get("added_tokens") or []:
         i = int(added["id"])
         id_to_token[i] = added["content"]
-        types[i] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+        special = added.get("special") or _looks_special(added["content"])
+        types[i] = gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED
     if max(id_to_token) >= vocab_size:
         raise ValueError(f"{path}: token id {max(id_to_token)} is outside the model's vocab_size {vocab_size}")
     tokens, token_types = [], []
@@ -211,18 +253,17 @@ def _add_tokenizer(writer: Any, folder: Path, vocab_size: int) -> None:
             token_types.append(int(gguf.TokenType.UNUSED))
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(token_types)
     writer.add_token_merges(merges)
-    tok = AutoTokenizer.from_pretrained(str(folder))
     for setter, value in ((writer.add_bos_token_id, tok.bos_token_id), (writer.add_eos_token_id, tok.eos_token_id),
                           (writer.add_unk_token_id, tok.unk_token_id), (writer.add_pad_token_id, tok.pad_token_id)):
         if value is not None:
             setter(int(value))
-    config_path = folder / "tokenizer_config.json"
-    tok_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    writer.add_add_bos_token(bool(tok_config.get("add_bos_token", False)))
+    add_bos, add_eos = _special_flags(tok)
+    writer.add_add_bos_token(add_bos)
+    writer.add_add_eos_token(add_eos)
     template = tok.chat_template if isinstance(tok.chat_template, str) else None
     if template:
         writer.add_chat_template(template)
@@ -318,7 +359,9 @@ def read_gguf(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     dequantized with gguf-py and with the RoPE permutation undone."""
     import gguf
 
-    reader = gguf.GGUFReader(str(path))
+    from core.export.gguf_check import open_gguf
+
+    reader = open_gguf(path)
 
     def field(key: str) -> Any:
         f = reader.fields.get(key)
@@ -326,35 +369,52 @@ def read_gguf(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
             return None
         return f.contents()
 
+    def number(key: str, default: float | None = None, *, integer: bool = True) -> Any:
+        # Counts from the metadata size loops and allocations below: bound them by the file itself.
+        value = field(key)
+        if value is None:
+            value = default
+        if value is None or isinstance(value, (str, list)):
+            raise ValueError(f"{path}: metadata {key} is missing or not a number; the GGUF file is incomplete")
+        value = int(value) if integer else float(value)
+        if not value > 0 or (integer and value > limit):
+            raise ValueError(f"{path}: metadata {key} = {value} is out of range; the GGUF file is damaged")
+        return value
+
     arch = field("general.architecture")
     if arch != "llama":
         raise ValueError(f"{path}: architecture {arch!r}; Quantscope reads llama GGUF files")
-    n_layers = int(field("llama.block_count"))
-    n_head = int(field("llama.attention.head_count"))
-    n_head_kv = int(field("llama.attention.head_count_kv") or n_head)
-    hidden = int(field("llama.embedding_length"))
     names = {t.name for t in reader.tensors}
-    vocab = field("llama.vocab_size") or len(field("tokenizer.ggml.tokens"))
+    limit = 1 << 24  # no Llama has more heads, layers or rows than this
+    n_layers = number("llama.block_count")
+    if 9 * n_layers > len(names):
+        raise ValueError(f"{path}: metadata llama.block_count = {n_layers} but the file holds {len(names)} tensors; "
+                         "the GGUF file is damaged")
+    n_head = number("llama.attention.head_count")
+    n_head_kv = number("llama.attention.head_count_kv", n_head)
+    hidden = number("llama.embedding_length")
+    tokens = field("tokenizer.ggml.tokens")
+    vocab = number("llama.vocab_size", len(tokens) if isinstance(tokens, list) else None)
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-        "intermediate_size": int(field("llama.feed_forward_length")), "num_hidden_layers": n_layers,
+        "intermediate_size": number("llama.feed_forward_length"), "num_hidden_layers": n_layers,
         "num_attention_heads": n_head, "num_key_value_heads": n_head_kv,
-        "head_dim": int(field("llama.attention.key_length") or field("llama.rope.dimension_count") or hidden // n_head),
-        "max_position_embeddings": int(field("llama.context_length")),
-        "rms_norm_eps": float(field("llama.attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(field("llama.rope.freq_base") or 10000.0), "vocab_size": int(vocab),
+        "head_dim": number("llama.attention.key_length", field("llama.rope.dimension_count") or hidden // n_head),
+        "max_position_embeddings": number("llama.context_length"),
+        "rms_norm_eps": number("llama.attention.layer_norm_rms_epsilon", integer=False),
+        "rope_theta": number("llama.rope.freq_base", 10000.0, integer=False), "vocab_size": vocab,
         "tie_word_embeddings": "output.weight" not in names,
         "bos_token_id": field("tokenizer.ggml.bos_token_id"), "eos_token_id": field("tokenizer.ggml.eos_token_id"),
     }
     hf_names = _inverse_names(n_layers)
     state: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
-        data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        data = data.reshape(shape)
         hf = hf_names.get(t.name)
         if hf is None:
             raise ValueError(f"{path}: unexpected tensor {t.name}")
+        data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        data = data.reshape(shape)
         if hf.endswith("q_proj.weight"):
             data = unpermute_rope(data, n_head)
         elif hf.endswith("k_proj.weight"):
@@ -403,8 +463,13 @@ def gguf_consumer_and_quantscope(
     except ImportError:
         raise ValueError("verifying a GGUF file loads it with transformers, which needs the accelerate "
                          "package; run ./dev.sh setup (or pip install accelerate)") from None
-    consumer = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    from core.export.gguf_check import check_gguf
+
+    check_gguf(path)  # transformers' reader trusts the header; refuse a damaged file first
+    consumer = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                    local_files_only=True, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True,
+                                              trust_remote_code=False)
     if reference is not None:
         from core.export.verify import quantscope_model
 
