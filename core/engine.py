@@ -25,9 +25,10 @@ import threading
 import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
+from collections.abc import Iterator, Sequence
 from typing import Any, Callable
 
 import psutil
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core import buffers, native
+from core import buffers, devices, native
 from core.config import Granularity, QuantJob
 from core.events import (
     CancelToken,
@@ -99,6 +100,9 @@ class QuantResult:
     model: Path | None = None
     source_gib: float = 0.0
     output_gib: float = 0.0
+    device: str = "cpu"
+    threads: int = 1
+    peak_device_gib: float | None = None  # peak allocated on a CUDA device; None on the CPU
 
     def to_json(self) -> dict[str, Any]:
         """The `quantize --json` document (DESIGN §3); non-finite numbers become null."""
@@ -113,6 +117,9 @@ class QuantResult:
             "peak_rss_gib": self.peak_rss_gib,
             "source_gib": self.source_gib,
             "output_gib": self.output_gib,
+            "device": self.device,
+            "threads": self.threads,
+            "peak_device_gib": self.peak_device_gib,
         })
 
 
@@ -348,19 +355,82 @@ def _validate_groups(src: ModelSource, job: QuantJob, export_name: str, emit: Si
                          f"{default_export(job.method)} cannot store that, so the export is {export_name}"))
 
 
-class Calibration:
-    """Hidden states entering the current layer, plus what a layer forward needs."""
+class DeviceOutOfMemory(ValueError):
+    """The device ran out of memory in a layer. Reported like bad settings (one line, non-zero
+    exit): the fix is a setting (fewer samples, shorter sequences, another device), and the
+    finished layers are kept for `--resume`."""
 
-    def __init__(self, hidden: list[torch.Tensor], rotary: nn.Module, seq_len: int) -> None:
+
+class _StreamedBatches(Sequence):
+    """Calibration batches kept in pinned host memory, each copied to the device when a method
+    reads it (the whole set did not fit beside the layer). `streamed` tells methods that keep
+    per-batch intermediates (GPTQ's staged layer) to stream instead."""
+
+    streamed = True
+
+    def __init__(self, host: list[torch.Tensor], device: torch.device) -> None:
+        self.host = host
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.host)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [t.to(self.device, non_blocking=True) for t in self.host[i]]
+        return self.host[i].to(self.device, non_blocking=True)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for t in self.host:
+            yield t.to(self.device, non_blocking=True)
+
+
+class Calibration:
+    """Hidden states entering the current layer, plus what a layer forward needs.
+
+    The states live on `device` when `resident`, else in host memory (pinned for CUDA) and reach
+    the device one batch at a time; `hidden` hands methods a sequence of device tensors either way."""
+
+    def __init__(self, hidden: list[torch.Tensor], rotary: nn.Module, seq_len: int,
+                 device: torch.device | None = None, resident: bool = True) -> None:
+        self.device = device if device is not None else hidden[0].device
+        self.resident = resident
+        self._hidden: list[torch.Tensor] = []
         self.hidden = hidden
-        positions = torch.arange(seq_len)[None]
+        # Positions, rotary tables and mask are built on the CPU (the same numbers on every
+        # device) and moved once.
+        positions = torch.arange(seq_len, device="cpu")[None]
         with torch.no_grad():
-            cos, sin = rotary(hidden[0][:1], positions)
-        self.position_ids = positions
-        self.position_embeddings = (cos.float(), sin.float())
+            cos, sin = rotary(hidden[0][:1].to("cpu"), positions)
+        self.position_ids = positions.to(self.device)
+        self.position_embeddings = (cos.float().to(self.device), sin.float().to(self.device))
         # Additive causal mask: explicit, so no attention backend's default matters.
-        mask = torch.full((seq_len, seq_len), torch.finfo(torch.float32).min).triu(1)
-        self.mask = mask[None, None]
+        mask = torch.full((seq_len, seq_len), torch.finfo(torch.float32).min, device="cpu").triu(1)
+        self.mask = mask[None, None].to(self.device)
+
+    @property
+    def hidden(self) -> Sequence[torch.Tensor]:
+        return self._hidden if self.resident else _StreamedBatches(self._hidden, self.device)
+
+    @hidden.setter
+    def hidden(self, batches: Sequence[torch.Tensor]) -> None:
+        self._hidden = [self.keep(h) for h in batches]
+
+    def keep(self, h: torch.Tensor) -> torch.Tensor:
+        """h as this calibration stores it: on the device, or in pinned host memory."""
+        if self.resident:
+            return h.to(self.device)
+        h = h.to("cpu")
+        # Pinned pages let the per-batch copies to a GPU run asynchronously; a CPU job (only
+        # streamed in tests) has nothing to pin for.
+        return h.pin_memory() if self.device.type == "cuda" and not h.is_pinned() else h
+
+    def host_copies(self) -> list[torch.Tensor]:
+        """The states in host memory (for the resume journal); no copy when already there."""
+        return [h if h.device.type == "cpu" else h.to("cpu") for h in self._hidden]
+
+    def nbytes(self) -> int:
+        return sum(h.numel() * h.element_size() for h in self._hidden)
 
     def forward_fn(self, layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         def forward(hidden: torch.Tensor) -> torch.Tensor:
@@ -368,7 +438,7 @@ class Calibration:
             cos, sin = self.position_embeddings
             with torch.no_grad():
                 out = layer(
-                    hidden,
+                    hidden.to(self.device, non_blocking=True),
                     attention_mask=self.mask[:, :, :s, :s],
                     position_ids=self.position_ids[:, :s],
                     position_embeddings=(cos[:, :s], sin[:, :s]),
@@ -379,7 +449,8 @@ class Calibration:
 
 
 def _build_calibration(job: QuantJob, src: ModelSource, model: nn.Module, hf_config: Any,
-                       sink: Sink) -> Calibration:
+                       sink: Sink, device: torch.device | None = None,
+                       device_budget: int | None = None) -> Calibration:
     from transformers import AutoTokenizer
 
     from core.calibration import calibration_batches
@@ -393,15 +464,24 @@ def _build_calibration(job: QuantJob, src: ModelSource, model: nn.Module, hf_con
     ids = calibration_batches(tokenizer, job.calib)
     if ids.dim() != 2 or ids.numel() == 0:
         raise ValueError(f"calibration produced no tokens from {job.calib.source}; use a longer text")
-    calib = embed_calibration(src, ids, model, hf_config)
-    sink(Log("info", f"calibration: {ids.shape[0]} samples x {ids.shape[1]} tokens"))
+    calib = embed_calibration(src, ids, model, hf_config, device=device, device_budget=device_budget)
+    where = ""
+    if calib.device.type != "cpu":
+        where = (f", kept on {calib.device}" if calib.resident else
+                 f", in pinned host memory, streamed to {calib.device} per batch (they do not fit beside the layer)")
+    sink(Log("info", f"calibration: {ids.shape[0]} samples x {ids.shape[1]} tokens "
+                     f"({calib.nbytes() / GIB:.2f} GiB of hidden states{where})"))
     return calib
 
 
-def embed_calibration(src: ModelSource, ids: torch.Tensor, model: nn.Module, hf_config: Any) -> Calibration:
+def embed_calibration(src: ModelSource, ids: torch.Tensor, model: nn.Module, hf_config: Any,
+                      device: torch.device | None = None, device_budget: int | None = None) -> Calibration:
     """Calibration token ids [samples, seq_len] embedded in float32 (batches of about
     _CALIB_TOKENS_PER_BATCH tokens) as the hidden states entering decoder layer 0; `model` is the
-    meta model of `meta_model(src)`, whose rotary embedding class is used."""
+    meta model of `meta_model(src)`, whose rotary embedding class is used. The embedding runs on
+    the CPU (a lookup); the states then live on `device` (default: the CPU) when twice their size
+    (a layer's inputs and outputs) fits `device_budget` bytes (None: no limit), else in pinned
+    host memory."""
     embed_name = "model.embed_tokens.weight"
     emb = src.load_tensors([embed_name])[embed_name]
     _check_finite(embed_name, emb, src)
@@ -410,8 +490,12 @@ def embed_calibration(src: ModelSource, ids: torch.Tensor, model: nn.Module, hf_
     with torch.no_grad():
         hidden = [F.embedding(chunk, emb) for chunk in ids.split(per_batch)]
     del emb
-    rotary = type(model.model.rotary_emb)(config=hf_config)
-    return Calibration(hidden, rotary.eval(), ids.shape[1])
+    with torch.device("cpu"):  # the rotary tables are computed on the CPU (see Calibration)
+        rotary = type(model.model.rotary_emb)(config=hf_config)
+    device = device if device is not None else torch.device("cpu")
+    nbytes = sum(h.numel() * h.element_size() for h in hidden)
+    resident = device_budget is None or 2 * nbytes <= device_budget
+    return Calibration(hidden, rotary.eval(), ids.shape[1], device=device, resident=resident)
 
 
 def meta_model(src: ModelSource) -> tuple[nn.Module, Any]:
@@ -427,8 +511,9 @@ def meta_model(src: ModelSource) -> tuple[nn.Module, Any]:
 
 
 def materialise(layer: nn.Module, prefix: str, tensors: dict[str, torch.Tensor], src: ModelSource,
-                as_float: bool = True) -> None:
-    """Give a meta decoder layer its real weights on CPU: float32, one tensor converted at a time,
+                as_float: bool = True, device: torch.device | None = None) -> None:
+    """Give a meta decoder layer its real weights on `device` (default: the CPU): float32, one
+    tensor moved and converted at a time (on the device, so only the stored bytes cross the bus),
     or (as_float=False, for methods that read bf16/fp16 themselves) as stored."""
     expected = set(layer.state_dict().keys())
     state: dict[str, torch.Tensor] = {}
@@ -436,6 +521,8 @@ def materialise(layer: nn.Module, prefix: str, tensors: dict[str, torch.Tensor],
         rel = name[len(prefix):]
         if rel in expected:
             t = tensors.pop(name)
+            if device is not None and device.type != "cpu":
+                t = t.to(device)
             state[rel] = t.float() if as_float else t
     missing = sorted(expected - set(state))
     if missing:
@@ -539,10 +626,14 @@ def _run_quantization(job: QuantJob, sink: Sink, cancel: CancelToken | None) -> 
     done = 0
     settings = settings_dict(job.method)
 
-    # Calibration-free methods run their own two row workers; torch's OpenMP threads would only
-    # spin beside them (primitives.single_threaded_torch).
-    threads = nullcontext() if calibrated else single_threaded_torch()
-    with _RssMonitor() as rss, writer, threads:
+    choice, calib_budget = _choose_device(job, src, calibrated)
+    device = choice.device
+    # Calibration-free methods on the CPU run their own row workers (one per thread); torch's
+    # OpenMP threads would only spin beside them (primitives.single_threaded_torch).
+    threads = nullcontext() if calibrated or device.type != "cpu" else single_threaded_torch()
+    devices.reset_peak(device)
+    with devices.thread_scope(job.threads) as n_threads, _RssMonitor() as rss, writer, threads, \
+            _fp32_matmul(device):
         if writer.fresh_reason:
             emit(Log("warning", f"not resuming, starting fresh: {writer.fresh_reason}"))
         elif writer.replaced_partial is not None:
@@ -551,13 +642,15 @@ def _run_quantization(job: QuantJob, sink: Sink, cancel: CancelToken | None) -> 
                                 f"continue from layer {job_left.layers_done + 1}/{job_left.total_layers} instead)"))
         emit(Log("info", f"{src.architecture}, {src.num_layers} layers, {src.total_bytes / GIB:.2f} GiB "
                          f"{src.source_dtype}; method {job.method.method}, export {export_name}"))
+        emit(Log("info", f"device {device} ({choice.reason}); {n_threads} CPU thread(s)"))
         writer.set_journal_info(model=str(src.path), method=job.method.method, settings=settings, export=export_name,
                                 num_layers=src.num_layers)
         if stem:
             writer.submit(_copy_tensors, writer, 0, stem, src, bounded=False)
         if head:
             _prefetch(src, head)
-        calib = _build_calibration(job, src, model, hf_config, emit) if calibrated else None
+        calib = (_build_calibration(job, src, model, hf_config, emit, device=device, device_budget=calib_budget)
+                 if calibrated else None)
         finished = _resumable_layers(writer, calib, src.num_layers, emit) if job.resume else {}
         if finished:
             emit(Log("info", f"resuming: {len(finished)}/{src.num_layers} layers reused from the interrupted run"))
@@ -580,16 +673,25 @@ def _run_quantization(job: QuantJob, sink: Sink, cancel: CancelToken | None) -> 
                     emit(Progress("quantize", done, n_linears, rec["name"]))
                 emit(Log("info", f"layer {i + 1}/{src.num_layers}: reused from the interrupted run"))
                 continue
-            layer_records, shard = _quantize_layer(
-                i, prefix, src, layers[i], quantizer, exporter, job, calib, emit, cancel, done, n_linears,
-                ignored_names, reader.take(i, next_layer=next((j for j in range(i + 1, src.num_layers)
-                                                               if j not in finished), None)),
-            )
+            tensors = reader.take(i, next_layer=next((j for j in range(i + 1, src.num_layers) if j not in finished),
+                                                     None))
+            try:
+                layer_records, shard = _quantize_layer(
+                    i, prefix, src, layers[i], quantizer, exporter, job, calib, emit, cancel, done, n_linears,
+                    ignored_names, tensors, device=device,
+                )
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory is translated, the rest re-raised
+                if not devices.is_out_of_memory(exc):
+                    raise
+                del tensors
+                layers[i].to("meta")
+                raise _out_of_memory(exc, job, src, i, device, calibrated, writer, emit) from None
+            del tensors
             done += len(layer_records)
             records.extend(layer_records)
             quantized_names.extend(r["name"] for r in layer_records)
             writer.submit(_store_layer, writer, i, first_layer_shard + i, shard, layer_records,
-                          {f"hidden.{j}": h for j, h in enumerate(calib.hidden)} if calib else None)
+                          {f"hidden.{j}": h for j, h in enumerate(calib.host_copies())} if calib else None)
             del shard
             layers[i].to("meta")  # free this layer's weights
             if os.environ.get(_TEST_DELAY_ENV):
@@ -623,6 +725,9 @@ def _run_quantization(job: QuantJob, sink: Sink, cancel: CancelToken | None) -> 
             "layers": records,
             "seconds": seconds,
             "peak_rss_gib": rss.peak / GIB,
+            "device": str(device),
+            "threads": n_threads,
+            **devices.device_memory_stats(device),
             "source_gib": src.total_bytes / GIB,
             "packages": package_versions(),
         }
@@ -632,7 +737,8 @@ def _run_quantization(job: QuantJob, sink: Sink, cancel: CancelToken | None) -> 
     result = QuantResult(
         output=out, method=job.method.method, export=export_name, layers=records, seconds=time.perf_counter() - t_start,
         peak_rss_gib=rss.peak / GIB, settings=settings, model=src.path, source_gib=src.total_bytes / GIB,
-        output_gib=output_bytes / GIB,
+        output_gib=output_bytes / GIB, device=str(device), threads=n_threads,
+        peak_device_gib=devices.device_memory_stats(device).get("peak_allocated_gib"),
     )
     emit(Finished(result))
     return result
@@ -824,7 +930,7 @@ def _copy_tensors(writer: OutputWriter, shard: int, names: list[str], src: Model
 def _quantize_layer(
     i: int, prefix: str, src: ModelSource, layer: nn.Module, quantizer: Any, exporter: Any, job: QuantJob,
     calib: Calibration | None, emit: Sink, cancel: CancelToken | None, done: int, total: int,
-    ignored: list[str], tensors: dict[str, torch.Tensor],
+    ignored: list[str], tensors: dict[str, torch.Tensor], device: torch.device | None = None,
 ) -> tuple[list[dict[str, Any]], _LayerShard]:
     """Quantize decoder layer i from its tensors as stored; returns its records and what its
     output shard will hold."""
@@ -837,7 +943,8 @@ def _quantize_layer(
         if n not in self_checked:
             _check_finite(n, t, src)
     stored_dtype = {n[len(prefix):]: src.tensors[n].torch_dtype for n in names}
-    materialise(layer, prefix, tensors, src, as_float=not getattr(quantizer, "reads_source_dtype", False))
+    materialise(layer, prefix, tensors, src, as_float=not getattr(quantizer, "reads_source_dtype", False),
+                device=device)
     del tensors
 
     all_linears = _ordered_linears(layer)
@@ -902,7 +1009,7 @@ def _quantize_layer(
                 check_cancel(cancel)
                 probe.active = measured < _PROBE_TOKENS
                 measured += h.shape[0] * h.shape[1]
-                hidden.append(forward(h))
+                hidden.append(calib.keep(forward(h)))
         finally:
             probe.restore()
         calib.hidden = hidden
@@ -929,7 +1036,8 @@ def _quantize_layer(
         emit(Progress("quantize", done + len(records), total, full))
         # Packed here rather than on the writer thread: a third busy thread on two cores slows the
         # quantizer's workers more than the packing costs. Packing as we go frees each linear's codes.
-        shard.packed.update(exporter.tensors(full, q))
+        # The layouts are written from host memory: a result computed on a GPU comes back first.
+        shard.packed.update(exporter.tensors(full, devices.to_device(q, "cpu")))
         quantized[rel] = None  # type: ignore[assignment]
 
     # Everything else in the layer (norms, biases, skipped linears) in its stored dtype, taken from
@@ -937,7 +1045,7 @@ def _quantize_layer(
     quantized_weights = {f"{rel}.weight" for rel in linears}
     for rel, t in layer.state_dict().items():
         if rel not in quantized_weights:
-            shard.rest[f"{prefix}{rel}"] = t.to(stored_dtype.get(rel, src.source_dtype))
+            shard.rest[f"{prefix}{rel}"] = t.to("cpu", stored_dtype.get(rel, src.source_dtype))
     return records, shard
 
 
@@ -1007,3 +1115,71 @@ def _expect(result: dict[str, QuantizedWeight], rel: str, prefix: str) -> Quanti
     if q is None:
         raise RuntimeError(f"the quantizer returned no weight for {prefix}{rel}")
     return q
+
+
+def _choose_device(job: QuantJob, src: ModelSource, calibrated: bool) -> tuple[devices.DeviceChoice, int | None]:
+    """(where the job runs and why, the device bytes the calibration states may take or None).
+
+    The planner's memory-to-quantize estimate is the GPU need: "auto" takes the GPU only when it
+    fits. On a GPU the calibration states stay on the device when the estimate without them plus
+    twice their size fits the free memory (see embed_calibration); else they stream from host."""
+    need: float | None = None
+    other: float | None = None
+    if job.device != "cpu":
+        try:
+            from core.planner import quantize_memory
+
+            est = quantize_memory(src.path, job.method, job.calib, device="cuda")
+            need = est["peak_gpu_gib"] * GIB
+            other = need - est["parts_gib"].get("calibration_activations", 0.0) * GIB
+        except (ValueError, KeyError, OSError) as exc:  # an unusual config: decide without the estimate
+            log.info("no memory estimate for %s: %s", src.path, exc)
+    choice = devices.resolve_device(job.device, need)
+    if choice.device.type != "cuda" or not calibrated:
+        return choice, None
+    free = devices.cuda_free_bytes(choice.device)
+    return choice, max(0, int(0.9 * free - (other or 0.0)))
+
+
+def _out_of_memory(exc: BaseException, job: QuantJob, src: ModelSource, i: int, device: torch.device,
+                   calibrated: bool, writer: OutputWriter, emit: Sink) -> DeviceOutOfMemory:
+    """The error for an out-of-memory in layer i: which layer, what it asked for, what to change;
+    the finished layers are journaled and the partial output kept so that --resume continues."""
+    asked = devices.requested_bytes(exc)
+    detail = f"it asked for {asked / GIB:.2f} GiB more" if asked is not None else "an allocation failed"
+    if device.type == "cuda":
+        try:
+            free, total = torch.cuda.mem_get_info(device)
+            detail += (f" with {torch.cuda.memory_allocated(device) / GIB:.2f} GiB in use by this job "
+                       f"and {free / GIB:.2f} of {total / GIB:.2f} GiB free")
+        except RuntimeError:
+            pass
+        torch.cuda.empty_cache()
+    fixes = []
+    if calibrated and job.calib is not None:
+        fixes += [f"fewer --samples (now {job.calib.samples})", f"a shorter --seq-len (now {job.calib.seq_len})"]
+    if device.type != "cpu":
+        fixes.append("--device cpu")
+    try:
+        writer.flush()  # the layers before this one are written and journaled
+        writer.keep_partial = True
+        kept = f"; layers 1-{i} are kept: rerun with --resume" if i else "; rerun"
+    except Exception:  # noqa: BLE001 - the OOM is the error to report; the partial output goes
+        kept = "; rerun"
+    msg = (f"out of {device.type.upper() if device.type == 'cuda' else device.type} memory on {device} in layer "
+           f"{i + 1}/{src.num_layers} ({src.layer_prefix(i).rstrip('.')}): {detail}{kept} with "
+           f"{' or '.join(fixes) if fixes else 'more free memory'}")
+    emit(Log("error", msg))
+    return DeviceOutOfMemory(msg)
+
+
+@contextmanager
+def _fp32_matmul(device: torch.device) -> Iterator[None]:
+    """Full float32 matmuls for the job (Hessians, statistics and the layer forward): a user's
+    TF32 setting would change GPTQ's Hessians in the 3rd digit on a GPU."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
