@@ -103,6 +103,9 @@ class QuantResult:
     device: str = "cpu"
     threads: int = 1
     peak_device_gib: float | None = None  # peak allocated on a CUDA device; None on the CPU
+    # Sampled peaks of anonymous and file-backed resident memory (None where /proc is missing).
+    peak_rss_anon_gib: float | None = None
+    peak_rss_file_gib: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The `quantize --json` document (DESIGN §3); non-finite numbers become null."""
@@ -120,6 +123,8 @@ class QuantResult:
             "device": self.device,
             "threads": self.threads,
             "peak_device_gib": self.peak_device_gib,
+            "peak_rss_anon_gib": self.peak_rss_anon_gib,
+            "peak_rss_file_gib": self.peak_rss_file_gib,
         })
 
 
@@ -127,16 +132,29 @@ class _RssMonitor:
     """Peak resident memory of this process during a job. On Linux the kernel's own high-water
     mark (VmHWM) is reset at the start (/proc/self/clear_refs) and read at the end: exact and
     free. Elsewhere a background thread samples the RSS (the peak is inside the quantizer, which
-    per-layer samples alone would miss); sampling costs a few percent of a streaming run."""
+    per-layer samples alone would miss); sampling costs a few percent of a streaming run.
 
-    def __init__(self, interval: float = 0.02) -> None:
+    The kernel keeps no high-water mark per kind, so the split into anonymous memory (RssAnon:
+    heap and tensors, what can run a machine out of RAM) and file-backed pages (RssFile: the
+    memory-mapped weights, page cache the kernel can reclaim) is sampled from /proc/self/status
+    every `split_interval` seconds (a 1 KB read; peaks shorter than that can be missed)."""
+
+    def __init__(self, interval: float = 0.02, split_interval: float = 0.05) -> None:
         self._proc = psutil.Process()
         self._interval = interval
         self._stop = threading.Event()
         self.peak = self.rss()
+        self.peak_anon = self.peak_file = 0
         self._kernel_peak = _reset_kernel_peak()
-        self._thread = None if self._kernel_peak else threading.Thread(target=self._run, name="quantscope-rss",
-                                                                       daemon=True)
+        self._split = bool(devices.rss_breakdown())
+        if not self._kernel_peak:
+            self._thread: threading.Thread | None = threading.Thread(target=self._run, name="quantscope-rss",
+                                                                     daemon=True)
+        elif self._split:
+            self._interval = split_interval
+            self._thread = threading.Thread(target=self._run, name="quantscope-rss", daemon=True)
+        else:
+            self._thread = None
 
     def rss(self) -> int:
         return self._proc.memory_info().rss
@@ -144,11 +162,21 @@ class _RssMonitor:
     def sample(self) -> int:
         value = self.rss()
         self.peak = max(self.peak, value, _kernel_peak() if self._kernel_peak else 0)
+        self._sample_split()
         return value
+
+    def _sample_split(self) -> None:
+        if self._split:
+            r = devices.rss_breakdown()
+            self.peak_anon = max(self.peak_anon, r.get("RssAnon", 0))
+            self.peak_file = max(self.peak_file, r.get("RssFile", 0))
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
-            self.sample()
+            if self._kernel_peak:
+                self._sample_split()  # the total comes from VmHWM
+            else:
+                self.sample()
 
     def __enter__(self) -> _RssMonitor:
         if self._thread is not None:
@@ -725,6 +753,8 @@ def _run_quantization(job: QuantJob, sink: Sink, cancel: CancelToken | None) -> 
             "layers": records,
             "seconds": seconds,
             "peak_rss_gib": rss.peak / GIB,
+            "peak_rss_anon_gib": rss.peak_anon / GIB if rss.peak_anon else None,
+            "peak_rss_file_gib": rss.peak_file / GIB if rss.peak_anon else None,
             "device": str(device),
             "threads": n_threads,
             **devices.device_memory_stats(device),
@@ -739,6 +769,8 @@ def _run_quantization(job: QuantJob, sink: Sink, cancel: CancelToken | None) -> 
         peak_rss_gib=rss.peak / GIB, settings=settings, model=src.path, source_gib=src.total_bytes / GIB,
         output_gib=output_bytes / GIB, device=str(device), threads=n_threads,
         peak_device_gib=devices.device_memory_stats(device).get("peak_allocated_gib"),
+        peak_rss_anon_gib=rss.peak_anon / GIB if rss.peak_anon else None,
+        peak_rss_file_gib=rss.peak_file / GIB if rss.peak_anon else None,
     )
     emit(Finished(result))
     return result
@@ -1177,8 +1209,15 @@ def _out_of_memory(exc: BaseException, job: QuantJob, src: ModelSource, i: int, 
 def _fp32_matmul(device: torch.device) -> Iterator[None]:
     """Full float32 matmuls for the job (Hessians, statistics and the layer forward): a user's
     TF32 setting would change GPTQ's Hessians in the 3rd digit on a GPU."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
+    if device.type == "cpu":  # the CPU has no TF32: nothing to change
+        yield
+        return
+    try:
+        before = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+    except RuntimeError:  # the user configured precision through torch's newer per-backend API
+        yield
+        return
     try:
         yield
     finally:

@@ -117,10 +117,12 @@ def _grid_lut(code: torch.Tensor) -> torch.Tensor:
     subtraction, as the kernel does), and gets the first code whose midpoint
     0.5·(code[j] + code[j+1]) (float32) is not below it: a grid point exactly on a midpoint takes
     the lower code."""
-    c = code.detach().float().contiguous()
+    # Built on the CPU and moved: a GPU divides by the Python scalar as a product with its
+    # reciprocal, which moves some grid points by an ulp (and so their codes).
+    c = code.detach().float().to("cpu").contiguous()
     mids = ((c[:-1] + c[1:]) * 0.5).contiguous()
-    grid = (torch.arange(_LUT_SIZE, dtype=torch.float32, device=c.device) * 2.0) / float(_LUT_SIZE - 1) - 1.0
-    return torch.searchsorted(mids, grid, right=False).clamp(max=c.numel() - 1)
+    grid = (torch.arange(_LUT_SIZE, dtype=torch.float32, device="cpu") * 2.0) / float(_LUT_SIZE - 1) - 1.0
+    return torch.searchsorted(mids, grid, right=False).clamp(max=c.numel() - 1).to(code.device)
 
 
 def _grid_index(normed: torch.Tensor) -> torch.Tensor:
@@ -191,7 +193,9 @@ def quantize_4bit(
     q = FourBitWeight(packed=packed, absmax=absmax, quant_type=quant_type, blocksize=blocksize,
                       shape=tuple(w.shape), dtype=w.dtype)
     if double_quant:
-        offset = absmax.mean()
+        # The mean on the CPU whatever the device: a GPU's reduction sums in another order, and
+        # the last bit of the offset decides nested codes.
+        offset = absmax.to("cpu").mean().to(absmax.device)
         nested_code = dynamic_map(signed=True, device=w.device)
         idx, nested_absmax = quantize_blockwise_8bit(absmax - offset, nested_code, NESTED_BLOCKSIZE)
         q.absmax = idx

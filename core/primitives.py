@@ -127,6 +127,15 @@ def _cat_groups(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
+def exact_divisor(t: torch.Tensor, d: float) -> float | torch.Tensor:
+    """`d` as the divisor of `t / d` that gives the correctly rounded quotient on t's device.
+
+    On a GPU, torch divides by a Python (or CPU) scalar as t · (1/d), which is off by one ulp for
+    some values, so scales and codes would differ from the CPU's in the last bit; a 0-dim tensor
+    on the same device takes the true division. The CPU already divides exactly."""
+    return d if t.device.type == "cpu" else torch.full((), d, dtype=t.dtype, device=t.device)
+
+
 def _qparams_from_range(
     lo: torch.Tensor, hi: torch.Tensor, bits: int, sym: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,12 +144,12 @@ def _qparams_from_range(
         qmax = 2 ** (bits - 1) - 1
         amax = torch.maximum(-lo, hi)
         # An all-zero group has no range; scale 1 keeps the grid finite and still decodes to 0.
-        scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+        scale = torch.where(amax > 0, amax / exact_divisor(amax, qmax), torch.ones_like(amax))
         zero = torch.full_like(scale, 2 ** (bits - 1), dtype=torch.int32)
         return scale, zero
     qmax = 2**bits - 1
     span = hi - lo
-    scale = torch.where(span > 0, span / qmax, torch.ones_like(span))
+    scale = torch.where(span > 0, span / exact_divisor(span, qmax), torch.ones_like(span))
     zero = torch.clamp(torch.round(-lo / scale), 0, qmax).to(torch.int32)
     return scale, zero
 
@@ -524,12 +533,12 @@ def _rtn_rows(
         lo, hi = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
         if sym:
             torch.maximum(lo.neg_(), hi, out=s)  # max(−min(lo, 0), max(hi, 0)) once clamped at 0
-            s.clamp_(min=0).div_(half - 1)
+            s.clamp_(min=0).div_(exact_divisor(s, half - 1))
             s.masked_fill_(s == 0, 1.0)  # an all-zero group: scale 1 decodes to 0
             return None
         lo.clamp_(max=0)
         torch.sub(hi.clamp_(min=0), lo, out=s)
-        s.div_(qmax).masked_fill_(s == 0, 1.0)
+        s.div_(exact_divisor(s, qmax)).masked_fill_(s == 0, 1.0)
         zf = lo.neg_().div_(s).round_().clamp_(0, qmax)
         z.copy_(zf)
         return zf

@@ -28,7 +28,7 @@ from core.config import (
 )
 from core.engine import DeviceOutOfMemory, run_quantization
 from core.events import LayerDone, Log
-from core.output import JOURNAL_FILE, partial_dir
+from core.output import JOURNAL_FILE, REPORT_FILE, partial_dir
 from core.qtensors import ActQuant, IntWeight
 from tests.core.test_resume import assert_same_output
 
@@ -176,10 +176,12 @@ def test_auto_job_on_a_machine_without_gpu_runs_on_cpu_and_says_why(tiny_llama_d
                               sink=lambda e: logs.append(e.message) if isinstance(e, Log) else None)
     assert result.device == "cpu" and result.to_json()["device"] == "cpu"
     assert any(m.startswith("device cpu (auto: no CUDA GPU available") for m in logs)
-    report = json.loads((result.output / "quantscope_report.json").read_text()) \
-        if (result.output / "quantscope_report.json").is_file() else None
-    if report is not None:
-        assert report["device"] == "cpu"
+    report = json.loads((result.output / REPORT_FILE).read_text())
+    assert report["device"] == "cpu" and report["threads"] == devices.available_threads()
+    if devices.rss_breakdown():  # Linux: anonymous and file-backed peaks reported apart
+        assert 0 < result.peak_rss_anon_gib <= result.peak_rss_gib
+        assert report["peak_rss_anon_gib"] == pytest.approx(result.peak_rss_anon_gib, rel=0.2)
+        assert result.to_json()["peak_rss_file_gib"] is not None
 
 
 def test_cli_device_and_threads_options(tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
