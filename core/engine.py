@@ -494,9 +494,11 @@ def _build_calibration(job: QuantJob, src: ModelSource, model: nn.Module, hf_con
         raise ValueError(f"calibration produced no tokens from {job.calib.source}; use a longer text")
     calib = embed_calibration(src, ids, model, hf_config, device=device, device_budget=device_budget)
     where = ""
-    if calib.device.type != "cpu":
-        where = (f", kept on {calib.device}" if calib.resident else
-                 f", in pinned host memory, streamed to {calib.device} per batch (they do not fit beside the layer)")
+    if not calib.resident:
+        pinned = "pinned host memory" if calib.device.type == "cuda" else "host memory"
+        where = f", in {pinned}, streamed to {calib.device} per batch (they do not fit beside the layer)"
+    elif calib.device.type != "cpu":
+        where = f", kept on {calib.device}"
     sink(Log("info", f"calibration: {ids.shape[0]} samples x {ids.shape[1]} tokens "
                      f"({calib.nbytes() / GIB:.2f} GiB of hidden states{where})"))
     return calib
