@@ -715,7 +715,7 @@ def _run_quantization(job: QuantJob, sink: Sink, cancel: CancelToken | None) -> 
                     raise
                 del tensors
                 layers[i].to("meta")
-                raise _out_of_memory(exc, job, src, i, device, calibrated, writer, emit) from None
+                raise _out_of_memory(exc, job, src, i, device, calibrated, writer) from None
             del tensors
             done += len(layer_records)
             records.extend(layer_records)
@@ -1176,7 +1176,7 @@ def _choose_device(job: QuantJob, src: ModelSource, calibrated: bool) -> tuple[d
 
 
 def _out_of_memory(exc: BaseException, job: QuantJob, src: ModelSource, i: int, device: torch.device,
-                   calibrated: bool, writer: OutputWriter, emit: Sink) -> DeviceOutOfMemory:
+                   calibrated: bool, writer: OutputWriter) -> DeviceOutOfMemory:
     """The error for an out-of-memory in layer i: which layer, what it asked for, what to change;
     the finished layers are journaled and the partial output kept so that --resume continues."""
     asked = devices.requested_bytes(exc)
@@ -1194,16 +1194,19 @@ def _out_of_memory(exc: BaseException, job: QuantJob, src: ModelSource, i: int, 
         fixes += [f"fewer --samples (now {job.calib.samples})", f"a shorter --seq-len (now {job.calib.seq_len})"]
     if device.type != "cpu":
         fixes.append("--device cpu")
+    advice = (" and " + (", ".join(fixes[:-1]) + " or " + fixes[-1] if len(fixes) > 1 else fixes[0])) if fixes \
+        else " once more memory is free"
+    kept = "no layer was finished; rerun"
     try:
         writer.flush()  # the layers before this one are written and journaled
         writer.keep_partial = True
-        kept = f"; layers 1-{i} are kept: rerun with --resume" if i else "; rerun"
+        if i:
+            kept = ("layer 1 is kept" if i == 1 else f"layers 1-{i} are kept") + "; rerun with --resume"
     except Exception:  # noqa: BLE001 - the OOM is the error to report; the partial output goes
-        kept = "; rerun"
-    msg = (f"out of {device.type.upper() if device.type == 'cuda' else device.type} memory on {device} in layer "
-           f"{i + 1}/{src.num_layers} ({src.layer_prefix(i).rstrip('.')}): {detail}{kept} with "
-           f"{' or '.join(fixes) if fixes else 'more free memory'}")
-    emit(Log("error", msg))
+        pass
+    what = f"CUDA memory on {device}" if device.type == "cuda" else f"memory on {device}"
+    msg = (f"out of {what} in layer {i + 1}/{src.num_layers} ({src.layer_prefix(i).rstrip('.')}): {detail}; "
+           f"{kept}{advice}")
     return DeviceOutOfMemory(msg)
 
 

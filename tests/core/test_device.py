@@ -116,7 +116,8 @@ def test_streamed_calibration_gives_gptq_the_same_solution(tiny_llama_dir: Path,
                                 sink=lambda e: logs.append(e.message) if isinstance(e, Log) else None)
     assert any("streamed to cpu per batch" in m for m in logs)
     a, b = read_output(resident.output), read_output(streamed.output)
-    codes = [k for k in a if k.endswith("qweight")]
+    assert sorted(a) == sorted(b)
+    codes = [k for k in a if not a[k].dtype.is_floating_point and a[k].dim() == 2 and a[k].numel() > 64]
     assert codes
     for k in a:
         if a[k].dtype.is_floating_point:
@@ -274,15 +275,13 @@ def test_out_of_memory_names_the_layer_and_the_fix_and_resume_continues(
     method = GPTQConfig(bits=4, group_size=32)
     reference = run_quantization(_job(model, tmp_path / "ref", method))
     out = tmp_path / "q"
-    logs: list[Log] = []
     with monkeypatch.context() as m:
         _oom_at_layer(m, GPTQQuantizer, layer=2)
         with pytest.raises(DeviceOutOfMemory) as info:
-            run_quantization(_job(model, out, method), sink=lambda e: logs.append(e) if isinstance(e, Log) else None)
+            run_quantization(_job(model, out, method))
     msg = str(info.value)
-    assert "layer 3/3 (model.layers.2)" in msg and "3.50 GiB" in msg
-    assert "--resume" in msg and "fewer --samples (now 4)" in msg and "--seq-len (now 32)" in msg
-    assert any(e.level == "error" and e.message == msg for e in logs)
+    assert msg == ("out of memory on cpu in layer 3/3 (model.layers.2): it asked for 3.50 GiB more; layers 1-2 are "
+                   "kept; rerun with --resume and fewer --samples (now 4) or a shorter --seq-len (now 32)")
     journal = json.loads((partial_dir(out) / JOURNAL_FILE).read_text())
     assert sorted(journal["layers"]) == ["0", "1"]
     assert not out.exists()
@@ -307,7 +306,8 @@ def test_out_of_memory_in_the_cli_is_one_line_and_keeps_the_journal(
         assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     line = [ln for ln in err if "error:" in ln]
-    assert len(line) == 1 and "layer 2/2" in line[0] and "--resume" in line[0]
+    assert line == ["quantscope quantize: error: out of memory on cpu in layer 2/2 (model.layers.1): it asked for "
+                    "3.50 GiB more; layer 1 is kept; rerun with --resume once more memory is free"]
     assert (partial_dir(out) / JOURNAL_FILE).is_file()
     assert main(args + ["--resume"]) == 0
     assert (out / "config.json").is_file()
