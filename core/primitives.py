@@ -176,7 +176,9 @@ def choose_qparams(
     the module docstring ([1, 1] per-tensor, [out, 1] per-channel, [out, ceil(in/group_size)]
     per-group; a ragged last group's range covers its own columns only).
     clip_search: for each group try every ratio of CLIP_RATIOS on its range and keep the one with
-    the lowest reconstruction MSE (all groups at once; one pass per ratio).
+    the lowest reconstruction MSE (all groups at once; one pass per ratio). The squared errors
+    are summed in float64, where a group's sum of float32 squares is exact in practice: the
+    choice then does not depend on the summation order, which differs between CPU and GPU.
     """
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D weight [out, in]{_label(name)}, got shape {tuple(w.shape)}")
@@ -196,14 +198,16 @@ def choose_qparams(
     hi = hi.clamp_(min=0)
     scale, zero = _qparams_from_range(lo, hi, bits, sym)
     if clip_search:
-        best_err = torch.full_like(scale, math.inf)
+        best_err = torch.full_like(scale, math.inf, dtype=torch.float64)
         bounds = [0, parts[0].shape[1], lo.shape[1]]
         for ratio in CLIP_RATIOS:
             s, z = _qparams_from_range(lo * ratio, hi * ratio, bits, sym)
             if len(parts) == 1:
-                err = (_fake_quant(parts[0], s, z, bits) - parts[0]).square().sum(dim=-1, keepdim=True)
+                err = (_fake_quant(parts[0], s, z, bits) - parts[0]).square().sum(dim=-1, keepdim=True,
+                                                                                    dtype=torch.float64)
             else:
-                err = torch.cat([(_fake_quant(x, s[:, g0:g1], z[:, g0:g1], bits) - x).square().sum(dim=-1, keepdim=True)
+                err = torch.cat([(_fake_quant(x, s[:, g0:g1], z[:, g0:g1], bits) - x).square().sum(
+                    dim=-1, keepdim=True, dtype=torch.float64)
                                  for x, g0, g1 in zip(parts, bounds, bounds[1:])], dim=1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
