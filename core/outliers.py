@@ -340,9 +340,11 @@ def _inspect_streamed(src: ModelSource, calib: CalibConfig | None, threshold: fl
         def on_layer(linears: dict[str, nn.Module], stats: dict[str, torch.Tensor]) -> None:
             for name, m in linears.items():
                 check_cancel(cancel)
+                # Weight statistics on the host whatever the device: float64 sums in one order, so
+                # the report does not depend on where the activations were collected.
                 act = stats.get(name)
-                entries[name] = _linear_entry(name, m.weight, None if act is None else act.cpu(), "float", threshold,
-                                              alpha)
+                entries[name] = _linear_entry(name, m.weight.detach().to("cpu"), None if act is None else act.cpu(),
+                                              "float", threshold, alpha)
 
         batches = calibration_batches(load_tokenizer(src.path), calib)
         acts = _stream_layers(src, model, hf_config, batches, sink=sink, cancel=cancel, on_layer=on_layer,
