@@ -448,10 +448,14 @@ class Calibration:
         """h as this calibration stores it: on the device, or in pinned host memory."""
         if self.resident:
             return h.to(self.device)
-        h = h.to("cpu")
-        # Pinned pages let the per-batch copies to a GPU run asynchronously; a CPU job (only
-        # streamed in tests) has nothing to pin for.
-        return h.pin_memory() if self.device.type == "cuda" and not h.is_pinned() else h
+        if self.device.type != "cuda":  # a CPU job (streamed only in tests) has nothing to pin for
+            return h.to("cpu")
+        if h.device.type == "cpu" and h.is_pinned():
+            return h
+        # Pinned pages let the per-batch copies to the GPU run asynchronously; one copy into them.
+        pinned = torch.empty(h.shape, dtype=h.dtype, device="cpu", pin_memory=True)
+        pinned.copy_(h)
+        return pinned
 
     def host_copies(self) -> list[torch.Tensor]:
         """The states in host memory (for the resume journal); no copy when already there."""
