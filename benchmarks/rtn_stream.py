@@ -10,7 +10,9 @@ a child process so its peak RSS (ru_maxrss) is not polluted by the generation. W
 (default) each file is evicted from the page cache (posix_fadvise DONTNEED) before both the raw
 read and the quantization, so both measure the same thing. Each round reads the files raw, then
 quantizes, then reads them raw again: the disk of a VM can change speed within minutes, so the
-quantization is compared with the reads on both sides of it.
+quantization is compared with the reads on both sides of it. "anon / file" are the job's sampled
+peaks of anonymous and file-backed resident memory (RssAnon / RssFile, every 50 ms): the mapped
+source pages are reclaimable page cache, anonymous memory is what can run a machine out of RAM.
 """
 from __future__ import annotations
 
@@ -134,6 +136,7 @@ def quantize_child(model: Path, out: Path) -> None:
     r = run_quantization(QuantJob(model, out, RTNConfig(bits=4, group_size=128, sym=True), overwrite=True))
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"seconds": r.seconds, "peak_rss_gib": r.peak_rss_gib, "maxrss_gib": maxrss / GIB,
+                      "peak_anon_gib": r.peak_rss_anon_gib, "peak_file_gib": r.peak_rss_file_gib,
                       "source_gib": r.source_gib, "output_gib": r.output_gib,
                       "mean_rel_error": sum(x["rel_error"] for x in r.layers) / len(r.layers)}))
 
@@ -189,7 +192,7 @@ def main() -> int:
     print(f"model: llama {args.params} ({nbytes / 2 / 1e9:.2f} B params, bf16, {nbytes / GIB:.2f} GiB); "
           f"cache {args.cache}; torch threads {torch.get_num_threads()}")
     header = ("round", "raw read before", "quantize", "source GB/s", "raw read after", "x raw (before/after)",
-              "peak RSS", "ru_maxrss")
+              "peak RSS", "anon / file", "ru_maxrss")
     rows = []
     for i in range(args.rounds):
         q = _round(model, out, args.cache == "cold")
@@ -197,7 +200,7 @@ def main() -> int:
         rows.append((str(i + 1), f"{q['raw_before_gbs']:.3f} GB/s", f"{q['seconds']:.1f} s", f"{src_gbs:.3f}",
                      f"{q['raw_after_gbs']:.3f} GB/s",
                      f"{src_gbs / q['raw_before_gbs']:.2f} / {src_gbs / q['raw_after_gbs']:.2f}",
-                     f"{q['peak_rss_gib']:.2f} GiB", f"{q['maxrss_gib']:.2f} GiB"))
+                     f"{q['peak_rss_gib']:.2f} GiB", _split(q), f"{q['maxrss_gib']:.2f} GiB"))
         if not args.keep_output:
             shutil.rmtree(out, ignore_errors=True)
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
@@ -206,6 +209,14 @@ def main() -> int:
     print(f"output {q['output_gib']:.2f} GiB, mean rel error {q['mean_rel_error']:.4f} "
           f"(RTN int4 g128 symmetric, compressed-tensors)")
     return 0
+
+
+def _split(q: dict) -> str:
+    """Sampled peaks of anonymous (what can exhaust RAM) and file-backed (mapped weights,
+    reclaimable) resident memory; the two peaks need not be simultaneous."""
+    if q.get("peak_anon_gib") is None:
+        return "-"
+    return f"{q['peak_anon_gib']:.2f} / {q['peak_file_gib']:.2f} GiB"
 
 
 if __name__ == "__main__":

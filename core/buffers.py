@@ -37,7 +37,7 @@ class BufferPool:
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes < _MIN_BYTES:
-            return torch.empty(shape, dtype=dtype)
+            return torch.empty(shape, dtype=dtype, device="cpu")  # a host pool, whatever the default device
         try:
             buf = self._free.get(nbytes, []).pop()
         except IndexError:

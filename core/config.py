@@ -198,11 +198,20 @@ class QuantJob:
     skip: tuple[str, ...] = DEFAULT_SKIP  # substrings of module names left unquantized
     overwrite: bool = False
     resume: bool = False
+    # Where the layers are quantized: "cpu", "cuda", "cuda:N" or "auto" (the GPU when the
+    # planner's memory estimate fits its free memory); core.devices.resolve_device decides.
     device: str = "cpu"
     trust_remote_code: bool = False
+    # CPU threads (torch intra-op and the streaming kernels' row workers); None = the cores in
+    # this process's affinity mask (core.devices.thread_scope).
+    threads: int | None = None
 
     def __post_init__(self) -> None:
+        from core.devices import check_device_spec, check_threads
+
         object.__setattr__(self, "model", Path(self.model))
         object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "device", check_device_spec(self.device))
+        check_threads(self.threads)
         if self.method.method in CALIBRATED_METHODS and self.calib is None:
             object.__setattr__(self, "calib", CalibConfig())

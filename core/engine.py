@@ -25,9 +25,10 @@ import threading
 import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
+from collections.abc import Iterator, Sequence
 from typing import Any, Callable
 
 import psutil
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core import buffers, native
+from core import buffers, devices, native
 from core.config import Granularity, QuantJob
 from core.events import (
     CancelToken,
@@ -99,6 +100,12 @@ class QuantResult:
     model: Path | None = None
     source_gib: float = 0.0
     output_gib: float = 0.0
+    device: str = "cpu"
+    threads: int = 1
+    peak_device_gib: float | None = None  # peak allocated on a CUDA device; None on the CPU
+    # Sampled peaks of anonymous and file-backed resident memory (None where /proc is missing).
+    peak_rss_anon_gib: float | None = None
+    peak_rss_file_gib: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The `quantize --json` document (DESIGN §3); non-finite numbers become null."""
@@ -113,6 +120,11 @@ class QuantResult:
             "peak_rss_gib": self.peak_rss_gib,
             "source_gib": self.source_gib,
             "output_gib": self.output_gib,
+            "device": self.device,
+            "threads": self.threads,
+            "peak_device_gib": self.peak_device_gib,
+            "peak_rss_anon_gib": self.peak_rss_anon_gib,
+            "peak_rss_file_gib": self.peak_rss_file_gib,
         })
 
 
@@ -120,16 +132,29 @@ class _RssMonitor:
     """Peak resident memory of this process during a job. On Linux the kernel's own high-water
     mark (VmHWM) is reset at the start (/proc/self/clear_refs) and read at the end: exact and
     free. Elsewhere a background thread samples the RSS (the peak is inside the quantizer, which
-    per-layer samples alone would miss); sampling costs a few percent of a streaming run."""
+    per-layer samples alone would miss); sampling costs a few percent of a streaming run.
 
-    def __init__(self, interval: float = 0.02) -> None:
+    The kernel keeps no high-water mark per kind, so the split into anonymous memory (RssAnon:
+    heap and tensors, what can run a machine out of RAM) and file-backed pages (RssFile: the
+    memory-mapped weights, page cache the kernel can reclaim) is sampled from /proc/self/status
+    every `split_interval` seconds (a 1 KB read; peaks shorter than that can be missed)."""
+
+    def __init__(self, interval: float = 0.02, split_interval: float = 0.05) -> None:
         self._proc = psutil.Process()
         self._interval = interval
         self._stop = threading.Event()
         self.peak = self.rss()
+        self.peak_anon = self.peak_file = 0
         self._kernel_peak = _reset_kernel_peak()
-        self._thread = None if self._kernel_peak else threading.Thread(target=self._run, name="quantscope-rss",
-                                                                       daemon=True)
+        self._split = bool(devices.rss_breakdown())
+        if not self._kernel_peak:
+            self._thread: threading.Thread | None = threading.Thread(target=self._run, name="quantscope-rss",
+                                                                     daemon=True)
+        elif self._split:
+            self._interval = split_interval
+            self._thread = threading.Thread(target=self._run, name="quantscope-rss", daemon=True)
+        else:
+            self._thread = None
 
     def rss(self) -> int:
         return self._proc.memory_info().rss
@@ -137,11 +162,21 @@ class _RssMonitor:
     def sample(self) -> int:
         value = self.rss()
         self.peak = max(self.peak, value, _kernel_peak() if self._kernel_peak else 0)
+        self._sample_split()
         return value
+
+    def _sample_split(self) -> None:
+        if self._split:
+            r = devices.rss_breakdown()
+            self.peak_anon = max(self.peak_anon, r.get("RssAnon", 0))
+            self.peak_file = max(self.peak_file, r.get("RssFile", 0))
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
-            self.sample()
+            if self._kernel_peak:
+                self._sample_split()  # the total comes from VmHWM
+            else:
+                self.sample()
 
     def __enter__(self) -> _RssMonitor:
         if self._thread is not None:
@@ -348,19 +383,86 @@ def _validate_groups(src: ModelSource, job: QuantJob, export_name: str, emit: Si
                          f"{default_export(job.method)} cannot store that, so the export is {export_name}"))
 
 
-class Calibration:
-    """Hidden states entering the current layer, plus what a layer forward needs."""
+class DeviceOutOfMemory(ValueError):
+    """The device ran out of memory in a layer. Reported like bad settings (one line, non-zero
+    exit): the fix is a setting (fewer samples, shorter sequences, another device), and the
+    finished layers are kept for `--resume`."""
 
-    def __init__(self, hidden: list[torch.Tensor], rotary: nn.Module, seq_len: int) -> None:
+
+class _StreamedBatches(Sequence):
+    """Calibration batches kept in pinned host memory, each copied to the device when a method
+    reads it (the whole set did not fit beside the layer). `streamed` tells methods that keep
+    per-batch intermediates (GPTQ's staged layer) to stream instead."""
+
+    streamed = True
+
+    def __init__(self, host: list[torch.Tensor], device: torch.device) -> None:
+        self.host = host
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.host)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [t.to(self.device, non_blocking=True) for t in self.host[i]]
+        return self.host[i].to(self.device, non_blocking=True)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for t in self.host:
+            yield t.to(self.device, non_blocking=True)
+
+
+class Calibration:
+    """Hidden states entering the current layer, plus what a layer forward needs.
+
+    The states live on `device` when `resident`, else in host memory (pinned for CUDA) and reach
+    the device one batch at a time; `hidden` hands methods a sequence of device tensors either way."""
+
+    def __init__(self, hidden: list[torch.Tensor], rotary: nn.Module, seq_len: int,
+                 device: torch.device | None = None, resident: bool = True) -> None:
+        self.device = device if device is not None else hidden[0].device
+        self.resident = resident
+        self._hidden: list[torch.Tensor] = []
         self.hidden = hidden
-        positions = torch.arange(seq_len)[None]
+        # Positions, rotary tables and mask are built on the CPU (the same numbers on every
+        # device) and moved once.
+        positions = torch.arange(seq_len, device="cpu")[None]
         with torch.no_grad():
-            cos, sin = rotary(hidden[0][:1], positions)
-        self.position_ids = positions
-        self.position_embeddings = (cos.float(), sin.float())
+            cos, sin = rotary(hidden[0][:1].to("cpu"), positions)
+        self.position_ids = positions.to(self.device)
+        self.position_embeddings = (cos.float().to(self.device), sin.float().to(self.device))
         # Additive causal mask: explicit, so no attention backend's default matters.
-        mask = torch.full((seq_len, seq_len), torch.finfo(torch.float32).min).triu(1)
-        self.mask = mask[None, None]
+        mask = torch.full((seq_len, seq_len), torch.finfo(torch.float32).min, device="cpu").triu(1)
+        self.mask = mask[None, None].to(self.device)
+
+    @property
+    def hidden(self) -> Sequence[torch.Tensor]:
+        return self._hidden if self.resident else _StreamedBatches(self._hidden, self.device)
+
+    @hidden.setter
+    def hidden(self, batches: Sequence[torch.Tensor]) -> None:
+        self._hidden = [self.keep(h) for h in batches]
+
+    def keep(self, h: torch.Tensor) -> torch.Tensor:
+        """h as this calibration stores it: on the device, or in pinned host memory."""
+        if self.resident:
+            return h.to(self.device)
+        if self.device.type != "cuda":  # a CPU job (streamed only in tests) has nothing to pin for
+            return h.to("cpu")
+        if h.device.type == "cpu" and h.is_pinned():
+            return h
+        # Pinned pages let the per-batch copies to the GPU run asynchronously; one copy into them.
+        pinned = torch.empty(h.shape, dtype=h.dtype, device="cpu", pin_memory=True)
+        pinned.copy_(h)
+        return pinned
+
+    def host_copies(self) -> list[torch.Tensor]:
+        """The states in host memory (for the resume journal); no copy when already there."""
+        return [h if h.device.type == "cpu" else h.to("cpu") for h in self._hidden]
+
+    def nbytes(self) -> int:
+        return sum(h.numel() * h.element_size() for h in self._hidden)
 
     def forward_fn(self, layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         def forward(hidden: torch.Tensor) -> torch.Tensor:
@@ -368,7 +470,7 @@ class Calibration:
             cos, sin = self.position_embeddings
             with torch.no_grad():
                 out = layer(
-                    hidden,
+                    hidden.to(self.device, non_blocking=True),
                     attention_mask=self.mask[:, :, :s, :s],
                     position_ids=self.position_ids[:, :s],
                     position_embeddings=(cos[:, :s], sin[:, :s]),
@@ -379,7 +481,8 @@ class Calibration:
 
 
 def _build_calibration(job: QuantJob, src: ModelSource, model: nn.Module, hf_config: Any,
-                       sink: Sink) -> Calibration:
+                       sink: Sink, device: torch.device | None = None,
+                       device_budget: int | None = None) -> Calibration:
     from transformers import AutoTokenizer
 
     from core.calibration import calibration_batches
@@ -393,15 +496,26 @@ def _build_calibration(job: QuantJob, src: ModelSource, model: nn.Module, hf_con
     ids = calibration_batches(tokenizer, job.calib)
     if ids.dim() != 2 or ids.numel() == 0:
         raise ValueError(f"calibration produced no tokens from {job.calib.source}; use a longer text")
-    calib = embed_calibration(src, ids, model, hf_config)
-    sink(Log("info", f"calibration: {ids.shape[0]} samples x {ids.shape[1]} tokens"))
+    calib = embed_calibration(src, ids, model, hf_config, device=device, device_budget=device_budget)
+    where = ""
+    if not calib.resident:
+        pinned = "pinned host memory" if calib.device.type == "cuda" else "host memory"
+        where = f", in {pinned}, streamed to {calib.device} per batch (they do not fit beside the layer)"
+    elif calib.device.type != "cpu":
+        where = f", kept on {calib.device}"
+    sink(Log("info", f"calibration: {ids.shape[0]} samples x {ids.shape[1]} tokens "
+                     f"({calib.nbytes() / GIB:.2f} GiB of hidden states{where})"))
     return calib
 
 
-def embed_calibration(src: ModelSource, ids: torch.Tensor, model: nn.Module, hf_config: Any) -> Calibration:
+def embed_calibration(src: ModelSource, ids: torch.Tensor, model: nn.Module, hf_config: Any,
+                      device: torch.device | None = None, device_budget: int | None = None) -> Calibration:
     """Calibration token ids [samples, seq_len] embedded in float32 (batches of about
     _CALIB_TOKENS_PER_BATCH tokens) as the hidden states entering decoder layer 0; `model` is the
-    meta model of `meta_model(src)`, whose rotary embedding class is used."""
+    meta model of `meta_model(src)`, whose rotary embedding class is used. The embedding runs on
+    the CPU (a lookup); the states then live on `device` (default: the CPU) when twice their size
+    (a layer's inputs and outputs) fits `device_budget` bytes (None: no limit), else in pinned
+    host memory."""
     embed_name = "model.embed_tokens.weight"
     emb = src.load_tensors([embed_name])[embed_name]
     _check_finite(embed_name, emb, src)
@@ -410,8 +524,12 @@ def embed_calibration(src: ModelSource, ids: torch.Tensor, model: nn.Module, hf_
     with torch.no_grad():
         hidden = [F.embedding(chunk, emb) for chunk in ids.split(per_batch)]
     del emb
-    rotary = type(model.model.rotary_emb)(config=hf_config)
-    return Calibration(hidden, rotary.eval(), ids.shape[1])
+    with torch.device("cpu"):  # the rotary tables are computed on the CPU (see Calibration)
+        rotary = type(model.model.rotary_emb)(config=hf_config)
+    device = device if device is not None else torch.device("cpu")
+    nbytes = sum(h.numel() * h.element_size() for h in hidden)
+    resident = device_budget is None or 2 * nbytes <= device_budget
+    return Calibration(hidden, rotary.eval(), ids.shape[1], device=device, resident=resident)
 
 
 def meta_model(src: ModelSource) -> tuple[nn.Module, Any]:
@@ -427,8 +545,9 @@ def meta_model(src: ModelSource) -> tuple[nn.Module, Any]:
 
 
 def materialise(layer: nn.Module, prefix: str, tensors: dict[str, torch.Tensor], src: ModelSource,
-                as_float: bool = True) -> None:
-    """Give a meta decoder layer its real weights on CPU: float32, one tensor converted at a time,
+                as_float: bool = True, device: torch.device | None = None) -> None:
+    """Give a meta decoder layer its real weights on `device` (default: the CPU): float32, one
+    tensor moved and converted at a time (on the device, so only the stored bytes cross the bus),
     or (as_float=False, for methods that read bf16/fp16 themselves) as stored."""
     expected = set(layer.state_dict().keys())
     state: dict[str, torch.Tensor] = {}
@@ -436,6 +555,8 @@ def materialise(layer: nn.Module, prefix: str, tensors: dict[str, torch.Tensor],
         rel = name[len(prefix):]
         if rel in expected:
             t = tensors.pop(name)
+            if device is not None and device.type != "cpu":
+                t = t.to(device)
             state[rel] = t.float() if as_float else t
     missing = sorted(expected - set(state))
     if missing:
@@ -539,10 +660,14 @@ def _run_quantization(job: QuantJob, sink: Sink, cancel: CancelToken | None) -> 
     done = 0
     settings = settings_dict(job.method)
 
-    # Calibration-free methods run their own two row workers; torch's OpenMP threads would only
-    # spin beside them (primitives.single_threaded_torch).
-    threads = nullcontext() if calibrated else single_threaded_torch()
-    with _RssMonitor() as rss, writer, threads:
+    choice, calib_budget = _choose_device(job, src, calibrated)
+    device = choice.device
+    # Calibration-free methods on the CPU run their own row workers (one per thread); torch's
+    # OpenMP threads would only spin beside them (primitives.single_threaded_torch).
+    threads = nullcontext() if calibrated or device.type != "cpu" else single_threaded_torch()
+    devices.reset_peak(device)
+    with devices.thread_scope(job.threads) as n_threads, _RssMonitor() as rss, writer, threads, \
+            _fp32_matmul(device):
         if writer.fresh_reason:
             emit(Log("warning", f"not resuming, starting fresh: {writer.fresh_reason}"))
         elif writer.replaced_partial is not None:
@@ -551,13 +676,15 @@ def _run_quantization(job: QuantJob, sink: Sink, cancel: CancelToken | None) -> 
                                 f"continue from layer {job_left.layers_done + 1}/{job_left.total_layers} instead)"))
         emit(Log("info", f"{src.architecture}, {src.num_layers} layers, {src.total_bytes / GIB:.2f} GiB "
                          f"{src.source_dtype}; method {job.method.method}, export {export_name}"))
+        emit(Log("info", f"device {device} ({choice.reason}); {n_threads} CPU thread(s)"))
         writer.set_journal_info(model=str(src.path), method=job.method.method, settings=settings, export=export_name,
                                 num_layers=src.num_layers)
         if stem:
             writer.submit(_copy_tensors, writer, 0, stem, src, bounded=False)
         if head:
             _prefetch(src, head)
-        calib = _build_calibration(job, src, model, hf_config, emit) if calibrated else None
+        calib = (_build_calibration(job, src, model, hf_config, emit, device=device, device_budget=calib_budget)
+                 if calibrated else None)
         finished = _resumable_layers(writer, calib, src.num_layers, emit) if job.resume else {}
         if finished:
             emit(Log("info", f"resuming: {len(finished)}/{src.num_layers} layers reused from the interrupted run"))
@@ -580,16 +707,25 @@ def _run_quantization(job: QuantJob, sink: Sink, cancel: CancelToken | None) -> 
                     emit(Progress("quantize", done, n_linears, rec["name"]))
                 emit(Log("info", f"layer {i + 1}/{src.num_layers}: reused from the interrupted run"))
                 continue
-            layer_records, shard = _quantize_layer(
-                i, prefix, src, layers[i], quantizer, exporter, job, calib, emit, cancel, done, n_linears,
-                ignored_names, reader.take(i, next_layer=next((j for j in range(i + 1, src.num_layers)
-                                                               if j not in finished), None)),
-            )
+            tensors = reader.take(i, next_layer=next((j for j in range(i + 1, src.num_layers) if j not in finished),
+                                                     None))
+            try:
+                layer_records, shard = _quantize_layer(
+                    i, prefix, src, layers[i], quantizer, exporter, job, calib, emit, cancel, done, n_linears,
+                    ignored_names, tensors, device=device,
+                )
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory is translated, the rest re-raised
+                if not devices.is_out_of_memory(exc):
+                    raise
+                del tensors
+                layers[i].to("meta")
+                raise _out_of_memory(exc, job, src, i, device, calibrated, writer) from None
+            del tensors
             done += len(layer_records)
             records.extend(layer_records)
             quantized_names.extend(r["name"] for r in layer_records)
             writer.submit(_store_layer, writer, i, first_layer_shard + i, shard, layer_records,
-                          {f"hidden.{j}": h for j, h in enumerate(calib.hidden)} if calib else None)
+                          {f"hidden.{j}": h for j, h in enumerate(calib.host_copies())} if calib else None)
             del shard
             layers[i].to("meta")  # free this layer's weights
             if os.environ.get(_TEST_DELAY_ENV):
@@ -623,6 +759,11 @@ def _run_quantization(job: QuantJob, sink: Sink, cancel: CancelToken | None) -> 
             "layers": records,
             "seconds": seconds,
             "peak_rss_gib": rss.peak / GIB,
+            "peak_rss_anon_gib": rss.peak_anon / GIB if rss.peak_anon else None,
+            "peak_rss_file_gib": rss.peak_file / GIB if rss.peak_anon else None,
+            "device": str(device),
+            "threads": n_threads,
+            **devices.device_memory_stats(device),
             "source_gib": src.total_bytes / GIB,
             "packages": package_versions(),
         }
@@ -632,7 +773,10 @@ def _run_quantization(job: QuantJob, sink: Sink, cancel: CancelToken | None) -> 
     result = QuantResult(
         output=out, method=job.method.method, export=export_name, layers=records, seconds=time.perf_counter() - t_start,
         peak_rss_gib=rss.peak / GIB, settings=settings, model=src.path, source_gib=src.total_bytes / GIB,
-        output_gib=output_bytes / GIB,
+        output_gib=output_bytes / GIB, device=str(device), threads=n_threads,
+        peak_device_gib=devices.device_memory_stats(device).get("peak_allocated_gib"),
+        peak_rss_anon_gib=rss.peak_anon / GIB if rss.peak_anon else None,
+        peak_rss_file_gib=rss.peak_file / GIB if rss.peak_anon else None,
     )
     emit(Finished(result))
     return result
@@ -824,7 +968,7 @@ def _copy_tensors(writer: OutputWriter, shard: int, names: list[str], src: Model
 def _quantize_layer(
     i: int, prefix: str, src: ModelSource, layer: nn.Module, quantizer: Any, exporter: Any, job: QuantJob,
     calib: Calibration | None, emit: Sink, cancel: CancelToken | None, done: int, total: int,
-    ignored: list[str], tensors: dict[str, torch.Tensor],
+    ignored: list[str], tensors: dict[str, torch.Tensor], device: torch.device | None = None,
 ) -> tuple[list[dict[str, Any]], _LayerShard]:
     """Quantize decoder layer i from its tensors as stored; returns its records and what its
     output shard will hold."""
@@ -837,7 +981,8 @@ def _quantize_layer(
         if n not in self_checked:
             _check_finite(n, t, src)
     stored_dtype = {n[len(prefix):]: src.tensors[n].torch_dtype for n in names}
-    materialise(layer, prefix, tensors, src, as_float=not getattr(quantizer, "reads_source_dtype", False))
+    materialise(layer, prefix, tensors, src, as_float=not getattr(quantizer, "reads_source_dtype", False),
+                device=device)
     del tensors
 
     all_linears = _ordered_linears(layer)
@@ -902,7 +1047,7 @@ def _quantize_layer(
                 check_cancel(cancel)
                 probe.active = measured < _PROBE_TOKENS
                 measured += h.shape[0] * h.shape[1]
-                hidden.append(forward(h))
+                hidden.append(calib.keep(forward(h)))
         finally:
             probe.restore()
         calib.hidden = hidden
@@ -929,7 +1074,8 @@ def _quantize_layer(
         emit(Progress("quantize", done + len(records), total, full))
         # Packed here rather than on the writer thread: a third busy thread on two cores slows the
         # quantizer's workers more than the packing costs. Packing as we go frees each linear's codes.
-        shard.packed.update(exporter.tensors(full, q))
+        # The layouts are written from host memory: a result computed on a GPU comes back first.
+        shard.packed.update(exporter.tensors(full, devices.to_device(q, "cpu")))
         quantized[rel] = None  # type: ignore[assignment]
 
     # Everything else in the layer (norms, biases, skipped linears) in its stored dtype, taken from
@@ -937,7 +1083,7 @@ def _quantize_layer(
     quantized_weights = {f"{rel}.weight" for rel in linears}
     for rel, t in layer.state_dict().items():
         if rel not in quantized_weights:
-            shard.rest[f"{prefix}{rel}"] = t.to(stored_dtype.get(rel, src.source_dtype))
+            shard.rest[f"{prefix}{rel}"] = t.to("cpu", stored_dtype.get(rel, src.source_dtype))
     return records, shard
 
 
@@ -1007,3 +1153,81 @@ def _expect(result: dict[str, QuantizedWeight], rel: str, prefix: str) -> Quanti
     if q is None:
         raise RuntimeError(f"the quantizer returned no weight for {prefix}{rel}")
     return q
+
+
+def _choose_device(job: QuantJob, src: ModelSource, calibrated: bool) -> tuple[devices.DeviceChoice, int | None]:
+    """(where the job runs and why, the device bytes the calibration states may take or None).
+
+    The planner's memory-to-quantize estimate is the GPU need: "auto" takes the GPU only when it
+    fits. On a GPU the calibration states stay on the device when the estimate without them plus
+    twice their size fits the free memory (see embed_calibration); else they stream from host."""
+    need: float | None = None
+    other: float | None = None
+    if job.device != "cpu":
+        try:
+            from core.planner import quantize_memory
+
+            est = quantize_memory(src.path, job.method, job.calib, device="cuda")
+            need = est["peak_gpu_gib"] * GIB
+            other = need - est["parts_gib"].get("calibration_activations", 0.0) * GIB
+        except (ValueError, KeyError, OSError) as exc:  # an unusual config: decide without the estimate
+            log.info("no memory estimate for %s: %s", src.path, exc)
+    choice = devices.resolve_device(job.device, need)
+    if choice.device.type != "cuda" or not calibrated:
+        return choice, None
+    free = devices.cuda_free_bytes(choice.device)
+    return choice, max(0, int(0.9 * free - (other or 0.0)))
+
+
+def _out_of_memory(exc: BaseException, job: QuantJob, src: ModelSource, i: int, device: torch.device,
+                   calibrated: bool, writer: OutputWriter) -> DeviceOutOfMemory:
+    """The error for an out-of-memory in layer i: which layer, what it asked for, what to change;
+    the finished layers are journaled and the partial output kept so that --resume continues."""
+    asked = devices.requested_bytes(exc)
+    detail = f"it asked for {asked / GIB:.2f} GiB more" if asked is not None else "an allocation failed"
+    if device.type == "cuda":
+        try:
+            free, total = torch.cuda.mem_get_info(device)
+            detail += (f" with {torch.cuda.memory_allocated(device) / GIB:.2f} GiB in use by this job "
+                       f"and {free / GIB:.2f} of {total / GIB:.2f} GiB free")
+        except RuntimeError:
+            pass
+        torch.cuda.empty_cache()
+    fixes = []
+    if calibrated and job.calib is not None:
+        fixes += [f"fewer --samples (now {job.calib.samples})", f"a shorter --seq-len (now {job.calib.seq_len})"]
+    if device.type != "cpu":
+        fixes.append("--device cpu")
+    advice = (" and " + (", ".join(fixes[:-1]) + " or " + fixes[-1] if len(fixes) > 1 else fixes[0])) if fixes \
+        else " once more memory is free"
+    kept = "no layer was finished; rerun"
+    try:
+        writer.flush()  # the layers before this one are written and journaled
+        writer.keep_partial = True
+        if i:
+            kept = ("layer 1 is kept" if i == 1 else f"layers 1-{i} are kept") + "; rerun with --resume"
+    except Exception:  # noqa: BLE001 - the OOM is the error to report; the partial output goes
+        pass
+    what = f"CUDA memory on {device}" if device.type == "cuda" else f"memory on {device}"
+    msg = (f"out of {what} in layer {i + 1}/{src.num_layers} ({src.layer_prefix(i).rstrip('.')}): {detail}; "
+           f"{kept}{advice}")
+    return DeviceOutOfMemory(msg)
+
+
+@contextmanager
+def _fp32_matmul(device: torch.device) -> Iterator[None]:
+    """Full float32 matmuls for the job (Hessians, statistics and the layer forward): a user's
+    TF32 setting would change GPTQ's Hessians in the 3rd digit on a GPU."""
+    if device.type == "cpu":  # the CPU has no TF32: nothing to change
+        yield
+        return
+    try:
+        before = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+    except RuntimeError:  # the user configured precision through torch's newer per-backend API
+        yield
+        return
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)

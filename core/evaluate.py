@@ -96,12 +96,15 @@ def evaluate(
     ("builtin" or a .txt/.jsonl file; `heldout=True` evaluates its second half), and with
     `reference` the mean KL(reference ‖ model) per predicted token.
 
-    `device` is where both models run ("cpu", "cuda", "cuda:1").
+    `device` is where both models run ("cpu", "cuda", "cuda:1", or "auto": the GPU when there is
+    one, see core.devices.resolve_device); the result carries it as `device`.
     Returns {perplexity, tokens, windows, seq_len, kl_divergence (with a reference), seconds,
     model, reference}. Cancellation is checked between batches of windows and raises Cancelled.
     """
+    from core.devices import resolve_device
     from core.loader import load_model
 
+    device = str(resolve_device(device).device)
     start = time.perf_counter()
     if text != BUILTIN and not Path(text).expanduser().is_file():
         raise ValueError(f"text file not found: {text} (use 'builtin' or a .txt/.jsonl file)")
@@ -126,6 +129,7 @@ def evaluate(
     )
     result["seconds"] = time.perf_counter() - start
     result["model"] = str(model_path)
+    result["device"] = device
     if reference is not None:
         result["reference"] = str(reference)
     return result

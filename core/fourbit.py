@@ -33,14 +33,15 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 
 
-def codebook(quant_type: str) -> torch.Tensor:
-    """The 16 code values of "nf4" or "fp4", float32 [16], indexed by the stored nibble."""
+def codebook(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 16 code values of "nf4" or "fp4", float32 [16] on `device`, indexed by the stored nibble."""
     if quant_type not in _CODEBOOKS:
         raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
-    return torch.tensor(_CODEBOOKS[quant_type], dtype=torch.float32)
+    return torch.tensor(_CODEBOOKS[quant_type], dtype=torch.float32, device=device)
 
 
-def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
+def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8,
+                device: torch.device | str = "cpu") -> torch.Tensor:
     """bitsandbytes' 8-bit dynamic-exponent map (create_dynamic_map), float32 [256], sorted.
 
     For each exponent e = 0 … max_exponent_bits−1 the fraction range [0.1, 1] is cut into
@@ -53,7 +54,8 @@ def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int
     values: list[float] = []
 
     def add(items: int, exponent: int) -> None:
-        edges = torch.linspace(0.1, 1, items, dtype=torch.float32)
+        # Built on the CPU whatever `device` is: the map is a constant, computed once the same way.
+        edges = torch.linspace(0.1, 1, items, dtype=torch.float32, device="cpu")
         mids = (edges[:-1] + edges[1:]) / 2.0
         magnitude = 10 ** (-(max_exponent_bits - 1) + exponent)
         values.extend((magnitude * mids).tolist())
@@ -67,7 +69,7 @@ def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int
         add(extra + 1, max_exponent_bits - 1)
     values += [0.0, 1.0]
     values += [0.0] * (2**total_bits - len(values))
-    return torch.tensor(sorted(values), dtype=torch.float32)
+    return torch.tensor(sorted(values), dtype=torch.float32, device=device)
 
 
 def _nibble_order(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,7 +93,7 @@ def _block_absmax_and_scaled(flat: torch.Tensor, blocksize: int) -> tuple[torch.
     rem = n % blocksize
     full = n - rem
     blocks = flat[:full].reshape(-1, blocksize)
-    absmax = blocks.abs().amax(dim=-1) if full else torch.empty(0, dtype=torch.float32)
+    absmax = blocks.abs().amax(dim=-1) if full else torch.empty(0, dtype=torch.float32, device=flat.device)
     scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1), -1, 1).reshape(-1)
     if rem:
         tail_max = flat[full:].abs().max().clamp(min=1e-38)
@@ -115,10 +117,12 @@ def _grid_lut(code: torch.Tensor) -> torch.Tensor:
     subtraction, as the kernel does), and gets the first code whose midpoint
     0.5·(code[j] + code[j+1]) (float32) is not below it: a grid point exactly on a midpoint takes
     the lower code."""
-    c = code.detach().float().contiguous()
+    # Built on the CPU and moved: a GPU divides by the Python scalar as a product with its
+    # reciprocal, which moves some grid points by an ulp (and so their codes).
+    c = code.detach().float().to("cpu").contiguous()
     mids = ((c[:-1] + c[1:]) * 0.5).contiguous()
-    grid = (torch.arange(_LUT_SIZE, dtype=torch.float32) * 2.0) / float(_LUT_SIZE - 1) - 1.0
-    return torch.searchsorted(mids, grid, right=False).clamp(max=c.numel() - 1)
+    grid = (torch.arange(_LUT_SIZE, dtype=torch.float32, device="cpu") * 2.0) / float(_LUT_SIZE - 1) - 1.0
+    return torch.searchsorted(mids, grid, right=False).clamp(max=c.numel() - 1).to(code.device)
 
 
 def _grid_index(normed: torch.Tensor) -> torch.Tensor:
@@ -180,7 +184,7 @@ def quantize_4bit(
         raise ValueError(f"blocksize must be one of {', '.join(map(str, BLOCKSIZES))}, got {blocksize}")
     if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"4-bit quantization needs a float32/float16/bfloat16 tensor, got {w.dtype}")
-    bounds, order = _nibble_order(codebook(quant_type))
+    bounds, order = _nibble_order(codebook(quant_type, w.device))
     absmax, scaled = _block_absmax_and_scaled(w.reshape(-1).float(), blocksize)
     if scaled.numel() % 2:
         scaled = torch.nn.functional.pad(scaled, (0, 1))
@@ -189,8 +193,10 @@ def quantize_4bit(
     q = FourBitWeight(packed=packed, absmax=absmax, quant_type=quant_type, blocksize=blocksize,
                       shape=tuple(w.shape), dtype=w.dtype)
     if double_quant:
-        offset = absmax.mean()
-        nested_code = dynamic_map(signed=True)
+        # The mean on the CPU whatever the device: a GPU's reduction sums in another order, and
+        # the last bit of the offset decides nested codes.
+        offset = absmax.to("cpu").mean().to(absmax.device)
+        nested_code = dynamic_map(signed=True, device=w.device)
         idx, nested_absmax = quantize_blockwise_8bit(absmax - offset, nested_code, NESTED_BLOCKSIZE)
         q.absmax = idx
         q.nested_absmax = nested_absmax
@@ -204,7 +210,7 @@ def block_absmax(q: FourBitWeight) -> torch.Tensor:
     """The per-block float32 absmax, undoing double quantization when present."""
     if not q.double_quant:
         return q.absmax.float()
-    code = q.nested_code if q.nested_code is not None else dynamic_map(signed=True)
+    code = q.nested_code if q.nested_code is not None else dynamic_map(signed=True, device=q.absmax.device)
     absmax = dequantize_blockwise_8bit(q.absmax, q.nested_absmax, code, q.nested_blocksize)
     return absmax + q.offset.float()
 
@@ -222,7 +228,7 @@ def dequantize_4bit(q: FourBitWeight, dtype: torch.dtype = torch.float32) -> tor
     n = 1
     for d in q.shape:
         n *= int(d)
-    values = codebook(q.quant_type)[unpack_nibbles(q.packed, n).long()]
+    values = codebook(q.quant_type, q.packed.device)[unpack_nibbles(q.packed, n).long()]
     scale = block_absmax(q).repeat_interleave(q.blocksize)[:n]
     return (values * scale).reshape(q.shape).to(dtype)
 

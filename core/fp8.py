@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from core.config import Granularity
+from core.primitives import exact_divisor
 from core.qtensors import Fp8Weight
 
 FP8_DTYPES: dict[str, torch.dtype] = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
@@ -41,7 +42,7 @@ def fp8_scale(w: torch.Tensor, fmt: str, granularity: Granularity | str) -> torc
         amax = wf.amax(dim=1, keepdim=True)
     else:
         raise ValueError("FP8 supports granularity 'tensor' or 'channel', not 'group'")
-    return torch.where(amax > 0, amax / FP8_MAX[fmt], torch.ones_like(amax))
+    return torch.where(amax > 0, amax / exact_divisor(amax, FP8_MAX[fmt]), torch.ones_like(amax))
 
 
 def quantize_fp8(

@@ -94,10 +94,11 @@ def _weight_stats(w: torch.Tensor, sigmas: tuple[int, ...] = SIGMAS) -> tuple[di
         w = w.float()  # e.g. FP8, which has no sum kernel
     n = w.numel()
     chunks = w.split(max(1, _STATS_CHUNK // max(1, w.shape[-1])))
-    total = torch.zeros((), dtype=torch.float64)
-    absmax = torch.zeros((), dtype=torch.float64)
+    dev = w.device
+    total = torch.zeros((), dtype=torch.float64, device=dev)
+    absmax = torch.zeros((), dtype=torch.float64, device=dev)
     out_max: list[torch.Tensor] = []
-    in_max = torch.zeros(w.shape[-1])
+    in_max = torch.zeros(w.shape[-1], device=dev)
     for c in chunks:
         total += c.sum(dtype=torch.float64)
         # float32 (or float64) |w|: exact, so its maxima are those of the float64 values.
@@ -108,8 +109,8 @@ def _weight_stats(w: torch.Tensor, sigmas: tuple[int, ...] = SIGMAS) -> tuple[di
         in_max = torch.maximum(in_max, a.amax(dim=0).float())
         del a
     mean = float(total) / n
-    m2 = torch.zeros((), dtype=torch.float64)
-    m4 = torch.zeros((), dtype=torch.float64)
+    m2 = torch.zeros((), dtype=torch.float64, device=dev)
+    m4 = torch.zeros((), dtype=torch.float64, device=dev)
     for c in chunks:
         d = c.to(torch.float64, copy=True).sub_(mean).square_()
         m2 += d.sum()
@@ -133,7 +134,8 @@ def _weight_stats(w: torch.Tensor, sigmas: tuple[int, ...] = SIGMAS) -> tuple[di
             del d
     for k in sigmas:
         out[f"frac_beyond_{k}sigma"] = _compact(beyond[k] / n)
-    out["out_channel_absmax"] = channel_vector(torch.cat(out_max))
+    out["out_channel_absmax"] = channel_vector(torch.cat(out_max).cpu())
+    in_max = in_max.cpu()
     out["in_channel_absmax"] = channel_vector(in_max)
     return out, in_max
 
@@ -209,9 +211,11 @@ def _record_absmax(stats: dict[str, torch.Tensor], name: str, x: torch.Tensor) -
 
 def activation_absmax(model: nn.Module, batches: torch.Tensor, *, sink: Sink = null_sink,
                       cancel: CancelToken | None = None) -> dict[str, torch.Tensor]:
-    """Per-input-channel max|x| of every linear of a whole loaded model over the token batches
-    [samples, seq_len], one sample per forward."""
+    """Per-input-channel max|x| (on the host) of every linear of a whole loaded model over the
+    token batches [samples, seq_len], one sample per forward on the model's device."""
     stats: dict[str, torch.Tensor] = {}
+    device = next(model.parameters()).device
+    batches = batches.to(device)
     with _InputAbsmax(_linears(model), stats):
         sink(StageStarted("activations", total=batches.shape[0]))
         with torch.no_grad():
@@ -219,7 +223,7 @@ def activation_absmax(model: nn.Module, batches: torch.Tensor, *, sink: Sink = n
                 check_cancel(cancel)
                 model(input_ids=row[None])
                 sink(Progress("activations", i + 1, batches.shape[0]))
-    return stats
+    return {k: v.cpu() for k, v in stats.items()}
 
 
 def streamable_source(path: str | os.PathLike) -> ModelSource | None:
@@ -250,16 +254,19 @@ def _stream_layers(
     src: ModelSource, model: nn.Module, hf_config: Any, batches: torch.Tensor, *, sink: Sink,
     cancel: CancelToken | None,
     on_layer: Callable[[dict[str, nn.Module], dict[str, torch.Tensor]], None] | None = None,
+    device: torch.device | None = None,
 ) -> dict[str, torch.Tensor]:
     """Calibration batches through `model` (the meta model of `core.engine.meta_model(src)`) layer
     by layer; returns {linear: per-input-channel max|x|}. `on_layer({name: linear}, statistics so
     far)` runs while a decoder layer's float32 weights are resident, once its linears' statistics
-    are complete. The layer is freed afterwards, also on cancellation or error."""
+    are complete. The layer is freed afterwards, also on cancellation or error. The layers run on
+    `device` (default: the CPU) with the hidden states kept there; the statistics returned are on
+    the host."""
     from core.engine import embed_calibration, materialise, release_freed_memory
 
     if batches.dim() != 2 or batches.numel() == 0:
         raise ValueError("calibration produced no tokens; use a longer text")
-    calib = embed_calibration(src, batches, model, hf_config)
+    calib = embed_calibration(src, batches, model, hf_config, device=device)
     layers = model.model.layers
     stats: dict[str, torch.Tensor] = {}
     total = len(layers) + 1
@@ -268,7 +275,7 @@ def _stream_layers(
         check_cancel(cancel)
         prefix = src.layer_prefix(i)
         try:
-            materialise(layer, prefix, src.load_tensors(src.layer_tensor_names(i)), src)
+            materialise(layer, prefix, src.load_tensors(src.layer_tensor_names(i)), src, device=device)
             linears = {f"{prefix}{n}": m for n, m in _linears(layer).items()}
             forward = calib.forward_fn(layer)
             with _InputAbsmax(linears, stats):
@@ -284,7 +291,7 @@ def _stream_layers(
     check_cancel(cancel)
     norm = model.model.norm
     materialise(norm, "model.norm.", src.load_tensors([n for n in src.non_layer_tensor_names()
-                                                       if n.startswith("model.norm.")]), src)
+                                                       if n.startswith("model.norm.")]), src, device=device)
     try:
         with torch.no_grad():
             for h in calib.hidden:
@@ -293,7 +300,7 @@ def _stream_layers(
     finally:
         norm.to("meta")
     sink(Progress("activations", total, total, "final norm → lm_head"))
-    return stats
+    return {k: v.cpu() for k, v in stats.items()}
 
 
 def model_activation_absmax(path: str | os.PathLike, calib: CalibConfig, *, sink: Sink = null_sink,
@@ -315,7 +322,8 @@ def model_activation_absmax(path: str | os.PathLike, calib: CalibConfig, *, sink
 
 
 def _inspect_streamed(src: ModelSource, calib: CalibConfig | None, threshold: float, alpha: float,
-                      sink: Sink, cancel: CancelToken | None) -> list[dict[str, Any]]:
+                      sink: Sink, cancel: CancelToken | None,
+                      device: torch.device | None = None) -> list[dict[str, Any]]:
     """The report's `layers` for a plain folder, streamed: a decoder layer's linears while the
     calibration pass holds the layer, the rest (all of them without calibration) one tensor at a
     time from the memory-mapped files."""
@@ -332,10 +340,15 @@ def _inspect_streamed(src: ModelSource, calib: CalibConfig | None, threshold: fl
         def on_layer(linears: dict[str, nn.Module], stats: dict[str, torch.Tensor]) -> None:
             for name, m in linears.items():
                 check_cancel(cancel)
-                entries[name] = _linear_entry(name, m.weight, stats.get(name), "float", threshold, alpha)
+                # Weight statistics on the host whatever the device: float64 sums in one order, so
+                # the report does not depend on where the activations were collected.
+                act = stats.get(name)
+                entries[name] = _linear_entry(name, m.weight.detach().to("cpu"), None if act is None else act.cpu(),
+                                              "float", threshold, alpha)
 
         batches = calibration_batches(load_tokenizer(src.path), calib)
-        acts = _stream_layers(src, model, hf_config, batches, sink=sink, cancel=cancel, on_layer=on_layer)
+        acts = _stream_layers(src, model, hf_config, batches, sink=sink, cancel=cancel, on_layer=on_layer,
+                              device=device)
     rest = [n for n in names if n not in entries]
     sink(StageStarted("weights", total=len(rest)))
     for i, name in enumerate(rest):
@@ -359,7 +372,8 @@ def _stored_weight(src: ModelSource, model: nn.Module, name: str) -> torch.Tenso
 
 
 def _inspect_loaded(path: str | os.PathLike, calib: CalibConfig | None, threshold: float, alpha: float,
-                    sink: Sink, cancel: CancelToken | None) -> tuple[list[dict[str, Any]], bool]:
+                    sink: Sink, cancel: CancelToken | None,
+                    device: torch.device | None = None) -> tuple[list[dict[str, Any]], bool]:
     """(the report's `layers`, whether the model is quantized) from the whole model loaded."""
     from core.loader import load_model, quantized_layers
 
@@ -369,7 +383,10 @@ def _inspect_loaded(path: str | os.PathLike, calib: CalibConfig | None, threshol
     if calib is not None:
         from core.calibration import calibration_batches
 
+        if device is not None:
+            model.to(device)
         acts = activation_absmax(model, calibration_batches(tokenizer, calib), sink=sink, cancel=cancel)
+        model.to("cpu")  # the weight statistics below read the (dequantized) weights on the host
     linears = _linears(model)
     sink(StageStarted("weights", total=len(linears)))
     layers = []
@@ -389,8 +406,10 @@ def inspect_model(
     alpha: float = 0.5,
     sink: Sink = null_sink,
     cancel: CancelToken | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Outlier report for a model folder (JSON-ready dict). `calib` adds activation statistics.
+    """Outlier report for a model folder (JSON-ready dict). `calib` adds activation statistics,
+    computed on `device` ("cpu", "cuda", "cuda:N" or "auto", see core.devices.resolve_device).
     A plain folder is streamed one decoder layer / tensor at a time; a Quantscope-quantized folder
     (or a GGUF file) is loaded whole and inspected dequantized (module docstring)."""
     if threshold <= 0:
@@ -398,11 +417,14 @@ def inspect_model(
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be between 0 and 1, got {alpha}")
     src = streamable_source(path)  # headers only; opened first so a broken folder is its one error line
+    from core.devices import resolve_device
+
+    dev = resolve_device(device).device
     sink(StageStarted("load", message=str(path)))
     if src is not None:
-        layers, quantized = _inspect_streamed(src, calib, threshold, alpha, sink, cancel), False
+        layers, quantized = _inspect_streamed(src, calib, threshold, alpha, sink, cancel, dev), False
     else:
-        layers, quantized = _inspect_loaded(path, calib, threshold, alpha, sink, cancel)
+        layers, quantized = _inspect_loaded(path, calib, threshold, alpha, sink, cancel, dev)
     report: dict[str, Any] = {
         "model": str(Path(path)),
         "quantized": quantized,

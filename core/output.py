@@ -269,6 +269,9 @@ class OutputWriter:
         # Set by __enter__: why a resume started fresh, and whether a crashed run's folder was replaced.
         self.fresh_reason: str | None = None
         self.replaced_partial: InterruptedJob | None = None
+        # Set by the engine before it raises an error after which `--resume` should continue:
+        # the temporary folder and its journal are then kept instead of removed.
+        self.keep_partial = False
 
     # -- lifecycle -------------------------------------------------------------------------
     def check_target(self) -> None:
@@ -330,6 +333,11 @@ class OutputWriter:
         return None
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None and self.keep_partial:
+            # A failure the user can fix and continue from (the engine's out-of-memory): the
+            # queued layers are written and journaled, and the folder stays for --resume.
+            self._wait(raise_errors=False)
+            return
         if exc_type is not None or not self._done:
             self.abort()
 

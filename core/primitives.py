@@ -127,6 +127,15 @@ def _cat_groups(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
+def exact_divisor(t: torch.Tensor, d: float) -> float | torch.Tensor:
+    """`d` as the divisor of `t / d` that gives the correctly rounded quotient on t's device.
+
+    On a GPU, torch divides by a Python (or CPU) scalar as t · (1/d), which is off by one ulp for
+    some values, so scales and codes would differ from the CPU's in the last bit; a 0-dim tensor
+    on the same device takes the true division. The CPU already divides exactly."""
+    return d if t.device.type == "cpu" else torch.full((), d, dtype=t.dtype, device=t.device)
+
+
 def _qparams_from_range(
     lo: torch.Tensor, hi: torch.Tensor, bits: int, sym: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,12 +144,12 @@ def _qparams_from_range(
         qmax = 2 ** (bits - 1) - 1
         amax = torch.maximum(-lo, hi)
         # An all-zero group has no range; scale 1 keeps the grid finite and still decodes to 0.
-        scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+        scale = torch.where(amax > 0, amax / exact_divisor(amax, qmax), torch.ones_like(amax))
         zero = torch.full_like(scale, 2 ** (bits - 1), dtype=torch.int32)
         return scale, zero
     qmax = 2**bits - 1
     span = hi - lo
-    scale = torch.where(span > 0, span / qmax, torch.ones_like(span))
+    scale = torch.where(span > 0, span / exact_divisor(span, qmax), torch.ones_like(span))
     zero = torch.clamp(torch.round(-lo / scale), 0, qmax).to(torch.int32)
     return scale, zero
 
@@ -167,7 +176,9 @@ def choose_qparams(
     the module docstring ([1, 1] per-tensor, [out, 1] per-channel, [out, ceil(in/group_size)]
     per-group; a ragged last group's range covers its own columns only).
     clip_search: for each group try every ratio of CLIP_RATIOS on its range and keep the one with
-    the lowest reconstruction MSE (all groups at once; one pass per ratio).
+    the lowest reconstruction MSE (all groups at once; one pass per ratio). The squared errors
+    are summed in float64, where a group's sum of float32 squares is exact in practice: the
+    choice then does not depend on the summation order, which differs between CPU and GPU.
     """
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D weight [out, in]{_label(name)}, got shape {tuple(w.shape)}")
@@ -187,14 +198,16 @@ def choose_qparams(
     hi = hi.clamp_(min=0)
     scale, zero = _qparams_from_range(lo, hi, bits, sym)
     if clip_search:
-        best_err = torch.full_like(scale, math.inf)
+        best_err = torch.full_like(scale, math.inf, dtype=torch.float64)
         bounds = [0, parts[0].shape[1], lo.shape[1]]
         for ratio in CLIP_RATIOS:
             s, z = _qparams_from_range(lo * ratio, hi * ratio, bits, sym)
             if len(parts) == 1:
-                err = (_fake_quant(parts[0], s, z, bits) - parts[0]).square().sum(dim=-1, keepdim=True)
+                err = (_fake_quant(parts[0], s, z, bits) - parts[0]).square().sum(dim=-1, keepdim=True,
+                                                                                    dtype=torch.float64)
             else:
-                err = torch.cat([(_fake_quant(x, s[:, g0:g1], z[:, g0:g1], bits) - x).square().sum(dim=-1, keepdim=True)
+                err = torch.cat([(_fake_quant(x, s[:, g0:g1], z[:, g0:g1], bits) - x).square().sum(
+                    dim=-1, keepdim=True, dtype=torch.float64)
                                  for x, g0, g1 in zip(parts, bounds, bounds[1:])], dim=1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
@@ -216,14 +229,20 @@ def _expand_groups(t: torch.Tensor, n_in: int, group_size: int) -> torch.Tensor:
 _CHUNK_ELEMS = 1 << 18
 
 _pool: ThreadPoolExecutor | None = None
+_pool_size = 0
 _pool_lock = threading.Lock()
 
 
-def _workers() -> ThreadPoolExecutor:
-    global _pool
+def _workers(n: int) -> ThreadPoolExecutor:
+    """A pool with at least `n` threads (grown, never shrunk, when a job asks for more)."""
+    global _pool, _pool_size
     with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="quantscope-chunks")
+        if _pool is None or _pool_size < n:
+            old = _pool
+            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="quantscope-chunks")
+            _pool_size = n
+            if old is not None:
+                old.shutdown(wait=False)
         return _pool
 
 
@@ -238,51 +257,69 @@ def _group_view(n_in: int, scale: torch.Tensor, group_size: int) -> tuple[int, i
     return group_size, n_in // group_size, n_in % group_size
 
 
-def _over_row_chunks(out: int, n_in: int, fn: Callable[[int, int, torch.Tensor], T], scratches: int = 1) -> list[T]:
-    """fn(r0, r1, scratch) for consecutive row chunks of an [out, n_in] weight; results in row order.
-    `scratch` is a float32 buffer of `scratches` chunks.
+def _over_row_chunks(out: int, n_in: int, fn: Callable[[int, int, torch.Tensor], T], scratches: int = 1,
+                     device: torch.device | None = None) -> list[T]:
+    """fn(r0, r1, scratch) for consecutive row chunks of an [out, n_in] weight on `device` (that of
+    the weight; None = CPU); results in row order. `scratch` is a float32 buffer of `scratches`
+    chunks on the same device.
 
-    With two or more torch threads the chunks are split between two Python workers that each run
-    single-threaded torch ops (torch releases the GIL) and own a float32 scratch. Small
-    elementwise ops on two OpenMP threads pay a barrier per op, and on a busy machine every
-    barrier waits for a descheduled thread: measured 4× slower than this split on the 2-core CI
-    box under load. torch's thread count is process-wide, so it is lowered only for the duration.
+    On the CPU the chunks are split between `row_workers()` Python workers (the job's thread
+    count, see core.devices) that each run single-threaded torch ops (torch releases the GIL) and
+    own a float32 scratch. Small elementwise ops on several OpenMP threads pay a barrier per op,
+    and on a busy machine every barrier waits for a descheduled thread: measured 4× slower than
+    this split on the 2-core CI box under load. torch's thread count is process-wide, so it is
+    lowered only for the duration. On a GPU the whole weight is one chunk: a kernel covers it and
+    per-chunk launches would only add latency.
     """
+    if device is not None and device.type != "cpu":
+        scratch = torch.empty(scratches * out * n_in, dtype=torch.float32, device=device)
+        return [fn(0, out, scratch)]
     step = max(1, _CHUNK_ELEMS // max(n_in, 1))
     spans = [(r0, min(r0 + step, out)) for r0 in range(0, out, step)]
     rows = min(step, out)
 
     def run(part: list[tuple[int, int]]) -> list[T]:
-        scratch = torch.empty(scratches * rows * n_in, dtype=torch.float32)
+        scratch = torch.empty(scratches * rows * n_in, dtype=torch.float32, device="cpu")
         return [fn(r0, r1, scratch) for r0, r1 in part]
 
-    if not _two_workers() or len(spans) < 4:
+    workers = min(_row_workers(), len(spans) // 2)
+    if workers < 2:
         return run(spans)
-    half = (len(spans) + 1) // 2
+    per = -(-len(spans) // workers)
+    parts = [spans[k:k + per] for k in range(0, len(spans), per)]
     with single_threaded_torch():
-        first = _workers().submit(run, spans[:half])
-        second = run(spans[half:])
-        return first.result() + second
+        pool = _workers(len(parts) - 1)
+        futures = [pool.submit(run, part) for part in parts[:-1]]
+        last = run(parts[-1])
+        return [r for f in futures for r in f.result()] + last
 
 
 # torch's thread count from before `single_threaded_torch` lowered it to 1, while it is lowered.
 _lowered_from: int | None = None
 
 
-def _two_workers() -> bool:
-    """Whether the row loops split their work between two Python workers: when torch may use two
-    or more threads (as set before any `single_threaded_torch`)."""
-    return (_lowered_from or torch.get_num_threads()) >= 2
+def torch_threads_outside() -> int:
+    """torch's thread count as set outside any `single_threaded_torch` section."""
+    return _lowered_from or torch.get_num_threads()
+
+
+def _row_workers() -> int:
+    """How many Python workers the row loops split their work between: the job's thread count
+    (core.devices.row_workers; torch's thread count outside a job)."""
+    from core.devices import row_workers
+
+    return row_workers()
 
 
 @contextmanager
 def single_threaded_torch() -> Iterator[None]:
-    """torch ops single-threaded for the duration; the row loops still use their two workers.
+    """torch ops single-threaded for the duration; the row loops still use their workers.
 
-    Small torch ops on two OpenMP threads pay a barrier each, and while the two workers, the reader
-    and the writer keep two cores busy, every barrier waits for a descheduled thread and the idle
-    OpenMP thread spins meanwhile (a third of a streaming run's CPU time went there). The thread
-    count is process-wide, so it is lowered only for the duration (nested uses are no-ops)."""
+    Small torch ops on several OpenMP threads pay a barrier each, and while the workers, the reader
+    and the writer keep the cores busy, every barrier waits for a descheduled thread and the idle
+    OpenMP threads spin meanwhile (a third of a streaming run's CPU time went there on 2 cores).
+    The thread count is process-wide, so it is lowered only for the duration (nested uses are
+    no-ops)."""
     global _lowered_from
     threads = torch.get_num_threads()
     if _lowered_from is not None or threads < 2:
@@ -321,7 +358,7 @@ def quantize_affine(
     s3 = scale.float().reshape(scale.shape[0], -1, 1)
     z3 = zero.float().reshape(zero.shape[0], -1, 1)
     per_row = scale.shape[0] != 1
-    codes = torch.empty(out, n_in, dtype=torch.uint8)
+    codes = torch.empty(out, n_in, dtype=torch.uint8, device=w.device)
 
     def chunk(r0: int, r1: int, scratch: torch.Tensor) -> None:
         rows = r1 - r0
@@ -338,7 +375,7 @@ def quantize_affine(
             tbuf.round_().add_(z[:, groups]).clamp_(0, qmax)
             codes[r0:r1, main:].copy_(tbuf)
 
-    _over_row_chunks(out, n_in, chunk)
+    _over_row_chunks(out, n_in, chunk, device=w.device)
     return codes
 
 
@@ -394,7 +431,7 @@ def affine_error_sums(
             signal += float(torch.linalg.vecdot(xtf, xtf))
         return noise, signal
 
-    sums = _over_row_chunks(out, n_in, chunk)
+    sums = _over_row_chunks(out, n_in, chunk, device=w.device)
     return math.fsum(n for n, _ in sums), math.fsum(s for _, s in sums)
 
 
@@ -427,14 +464,17 @@ def quantize_to_intweight(
 
 
 def _split_rows(out: int, fn: Callable[[int, int], T], min_rows: int = 64) -> list[T]:
-    """fn(r0, r1) over [0, out) as two halves on the two workers when torch may use two threads
-    (fn must release the GIL, as the native kernels do), else in one call; results in row order."""
-    if not _two_workers() or out < 2 * min_rows:
+    """fn(r0, r1) over [0, out) in contiguous parts of at least `min_rows` rows, one per row worker
+    (`_row_workers`; fn must release the GIL, as the native kernels do), else in one call;
+    results in row order."""
+    workers = min(_row_workers(), out // min_rows)
+    if workers < 2:
         return [fn(0, out)]
-    mid = out // 2
-    first = _workers().submit(fn, 0, mid)
-    second = fn(mid, out)
-    return [first.result(), second]
+    bounds = [out * k // workers for k in range(workers + 1)]
+    pool = _workers(workers - 1)
+    futures = [pool.submit(fn, r0, r1) for r0, r1 in zip(bounds[:-2], bounds[1:-1])]
+    last = fn(bounds[-2], bounds[-1])
+    return [f.result() for f in futures] + [last]
 
 
 def _rtn_rows_native(
@@ -448,8 +488,9 @@ def _rtn_rows_native(
         return None
     out, n_in = w.shape
     n_groups = -(-n_in // gs)
-    scale = torch.empty(out, n_groups, dtype=torch.float32)
-    zero = torch.empty(out, n_groups, dtype=torch.int32)
+    # The kernels write through numpy views: host memory (as_numpy only accepts CPU weights).
+    scale = torch.empty(out, n_groups, dtype=torch.float32, device="cpu")
+    zero = torch.empty(out, n_groups, dtype=torch.int32, device="cpu")
     codes = buffers.pool.empty((out, n_in), torch.uint8)
     lut = native.table_for(w.dtype)
     s_np, z_np, c_np = scale.numpy(), zero.numpy(), codes.numpy()
@@ -478,9 +519,10 @@ def _rtn_rows(
     main = groups * gs
     qmax = 2**bits - 1
     n_groups = groups + (1 if tail else 0)
-    scale = torch.empty(out, n_groups, dtype=torch.float32)
-    zero = torch.empty(out, n_groups, dtype=torch.int32)
-    codes = torch.empty(out, n_in, dtype=torch.uint8)
+    dev = w.device
+    scale = torch.empty(out, n_groups, dtype=torch.float32, device=dev)
+    zero = torch.empty(out, n_groups, dtype=torch.int32, device=dev)
+    codes = torch.empty(out, n_in, dtype=torch.uint8, device=dev)
     half = 2 ** (bits - 1)
     if sym:
         zero.fill_(half)
@@ -495,12 +537,12 @@ def _rtn_rows(
         lo, hi = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
         if sym:
             torch.maximum(lo.neg_(), hi, out=s)  # max(−min(lo, 0), max(hi, 0)) once clamped at 0
-            s.clamp_(min=0).div_(half - 1)
+            s.clamp_(min=0).div_(exact_divisor(s, half - 1))
             s.masked_fill_(s == 0, 1.0)  # an all-zero group: scale 1 decodes to 0
             return None
         lo.clamp_(max=0)
         torch.sub(hi.clamp_(min=0), lo, out=s)
-        s.div_(qmax).masked_fill_(s == 0, 1.0)
+        s.div_(exact_divisor(s, qmax)).masked_fill_(s == 0, 1.0)
         zf = lo.neg_().div_(s).round_().clamp_(0, qmax)
         z.copy_(zf)
         return zf
@@ -543,7 +585,7 @@ def _rtn_rows(
             noise, signal = noise + n_t, signal + s_t
         return noise, signal
 
-    parts = _over_row_chunks(out, n_in, chunk, scratches=3)
+    parts = _over_row_chunks(out, n_in, chunk, scratches=3, device=dev)
     if not bool(torch.isfinite(scale).all()):
         _raise_non_finite(w, name)
     sums = (math.fsum(p[0] for p in parts), math.fsum(p[1] for p in parts)) if measure else None
@@ -598,7 +640,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if chunk_bytes == 1:
         out = word
     else:
-        out = torch.empty(*word.shape, chunk_bytes, dtype=torch.uint8)
+        out = torch.empty(*word.shape, chunk_bytes, dtype=torch.uint8, device=word.device)
         for k in range(chunk_bytes):
             out[..., k] = (word >> (8 * k)) & 0xFF
         out = out.reshape(*lead, -1)
@@ -638,8 +680,8 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if pad:
         p = torch.nn.functional.pad(p, (0, pad))
     p = p.reshape(*lead, -1, chunk_bytes)
-    word = (p << (torch.arange(chunk_bytes, dtype=torch.int64) * 8)).sum(dim=-1, keepdim=True)
-    codes = (word >> (torch.arange(per_chunk, dtype=torch.int64) * bits)) & (2**bits - 1)
+    word = (p << (torch.arange(chunk_bytes, dtype=torch.int64, device=p.device) * 8)).sum(dim=-1, keepdim=True)
+    codes = (word >> (torch.arange(per_chunk, dtype=torch.int64, device=word.device) * bits)) & (2**bits - 1)
     codes = codes.reshape(*lead, -1)
     if codes.shape[-1] < n:
         raise ValueError(f"packed tensor holds {codes.shape[-1]} {bits}-bit codes, fewer than the {n} requested")
@@ -666,7 +708,7 @@ def pack_int32(codes: torch.Tensor, bits: int, axis: int = -1, order: list[int] 
     c = c.reshape(*c.shape[:-1], n // per, per)
     if order is not None:
         c = c[..., order]
-    shifts = torch.arange(per, dtype=torch.int64) * bits
+    shifts = torch.arange(per, dtype=torch.int64, device=c.device) * bits
     word = (c << shifts).sum(dim=-1)
     word = torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
     return word.movedim(-1, axis).contiguous()
@@ -680,7 +722,7 @@ def unpack_int32(
         raise ValueError(f"int32 packing supports {', '.join(map(str, _INT32_PER_WORD))} bits, got {bits}")
     per = _INT32_PER_WORD[bits]
     p = packed.to(torch.int64).movedim(axis, -1) & 0xFFFFFFFF
-    shifts = torch.arange(per, dtype=torch.int64) * bits
+    shifts = torch.arange(per, dtype=torch.int64, device=p.device) * bits
     c = (p.unsqueeze(-1) >> shifts) & (2**bits - 1)
     if order is not None:
         inverse = [0] * per

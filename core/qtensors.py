@@ -64,7 +64,7 @@ class IntWeight:
         if self.g_idx is not None:
             return self.g_idx.long()
         n_in = self.codes.shape[1]
-        return torch.arange(n_in) // self.group_size
+        return torch.arange(n_in, device=self.codes.device) // self.group_size
 
     def dequantize(self) -> torch.Tensor:
         out, n_in = self.codes.shape
@@ -77,7 +77,7 @@ class IntWeight:
             # Ragged last group: the whole groups through a [out, G−1, gs] view and the tail
             # columns on their own (the same arithmetic as the gather below, without it).
             full, main = groups - 1, (groups - 1) * gs
-            w = torch.empty(out, n_in, dtype=torch.float32)
+            w = torch.empty(out, n_in, dtype=torch.float32, device=self.codes.device)
             body = self.codes[:, :main].reshape(out, full, gs).float().sub_(zero[:, :full, None])
             torch.mul(body, scale[:, :full, None], out=w[:, :main].view(out, full, gs))
             torch.mul(self.codes[:, main:].float().sub_(zero[:, full:]), scale[:, full:], out=w[:, main:])

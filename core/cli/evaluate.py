@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from core.cli import UserError, emit_json
+from core.cli.options import add_device_options, device_options
 
 
 def register(subparsers: Any) -> None:
@@ -25,7 +26,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seq-len", type=int, default=512, help="tokens per window (512)")
     p.add_argument("--windows", type=int, default=16, help="number of windows (16; fewer if the text is shorter)")
     p.add_argument("--reference", type=Path, default=None, help="model folder to compute KL(reference || model) against")
-    p.add_argument("--device", default="cpu", help="where to run: cpu (default), cuda, cuda:N")
+    add_device_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.set_defaults(func=run)
 
@@ -37,11 +38,12 @@ def _check(args: argparse.Namespace) -> None:
         raise UserError(f"--windows must be positive, got {args.windows}")
     if args.text != "builtin" and not Path(args.text).expanduser().is_file():
         raise UserError(f"--text {args.text}: file not found (use 'builtin' or a .txt/.jsonl file)")
-    if args.device != "cpu":
+    opts = device_options(args)
+    if opts["device"].startswith("cuda"):
         import torch
 
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {args.device}: no CUDA GPU is available here; use --device cpu or auto")
     for flag, path in (("--model", args.model), ("--reference", args.reference)):
         if path is None or path.is_dir() or (path.suffix.lower() == ".gguf" and path.is_file()):
             continue
@@ -53,11 +55,15 @@ def run(args: argparse.Namespace) -> int:
     from core.cli.quantize import ProgressPrinter
     from core.evaluate import evaluate
 
+    from core.devices import thread_scope
+
     _check(args)
-    result = evaluate(
-        args.model, text=args.text, seq_len=args.seq_len, windows=args.windows, reference=args.reference,
-        heldout=args.heldout, device=args.device, sink=ProgressPrinter(stream=sys.stderr),
-    )
+    opts = device_options(args)
+    with thread_scope(opts["threads"]):
+        result = evaluate(
+            args.model, text=args.text, seq_len=args.seq_len, windows=args.windows, reference=args.reference,
+            heldout=args.heldout, device=opts["device"], sink=ProgressPrinter(stream=sys.stderr),
+        )
     if args.json:
         # JSON has no Infinity/NaN; a diverged model reports null.
         emit_json({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()})

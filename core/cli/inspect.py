@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from core.cli import UserError, emit_json
+from core.cli.options import add_device_options, device_options
 
 
 def register(subparsers: Any) -> None:
@@ -27,6 +28,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for the calibration windows (0)")
     p.add_argument("--threshold", type=float, default=6.0, help="LLM.int8 outlier threshold (6.0)")
     p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength (0.5)")
+    add_device_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.set_defaults(func=run)
 
@@ -60,8 +62,12 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.model.is_dir():
         raise UserError(f"--model {args.model}: not a model folder (give a folder with config.json and *.safetensors)")
-    report = inspect_model(args.model, _calib(args), threshold=args.threshold, alpha=args.alpha,
-                           sink=ProgressPrinter(stream=sys.stderr))
+    from core.devices import thread_scope
+
+    opts = device_options(args)
+    with thread_scope(opts["threads"]):
+        report = inspect_model(args.model, _calib(args), threshold=args.threshold, alpha=args.alpha,
+                               sink=ProgressPrinter(stream=sys.stderr), device=opts["device"])
     if args.json:
         emit_json(_json_safe(report))
         return 0

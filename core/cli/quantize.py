@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from core.cli import UserError, emit_json
+from core.cli.options import add_device_options, device_options
 
 METHODS = ("rtn", "nf4", "fp4", "fp8", "gptq", "awq", "smoothquant", "llm_int8")
 
@@ -50,6 +51,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue a crashed job for the same --out from its last finished layer "
                         "(starts fresh, saying why, when the model or settings changed)")
+    add_device_options(p)
     p.add_argument("--verify", action="store_true",
                    help="after writing, load the output with its consumer library and compare logits "
                         "with Quantscope's model (a mismatch exits non-zero; the output is kept)")
@@ -256,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
     job = QuantJob(
         model=args.model, out=args.out, method=method, calib=calib_config(args), export=args.export,
         skip=tuple(dict.fromkeys(DEFAULT_SKIP + tuple(args.skip))), overwrite=args.overwrite,
-        resume=args.resume,
+        resume=args.resume, **device_options(args),
     )
     result = run_quantization(job, sink=ProgressPrinter())
     verify_error = None

@@ -75,7 +75,9 @@ def _collect(ctx: LayerContext, groups: list[InputGroup]) -> dict[int, _Stats]:
     for gi, g in enumerate(groups):
         lin = ctx.module.get_submodule(g.readers[0])
         n_in = lin.in_features
-        stats[gi] = _Stats(torch.zeros(n_in, dtype=torch.float64), torch.zeros(n_in, n_in, dtype=torch.float32))
+        dev = lin.weight.device
+        stats[gi] = _Stats(torch.zeros(n_in, dtype=torch.float64, device=dev),
+                           torch.zeros(n_in, n_in, dtype=torch.float32, device=dev))
         targets[lin] = gi
     sampler = TokenSample(ctx, SEARCH_TOKENS)
 
@@ -208,7 +210,7 @@ def _clip_and_quantize(w: torch.Tensor, gram: torch.Tensor, cfg: AWQConfig, gs: 
             wt, gram_t = w[:, main:], gram[main:, main:]
             lo = torch.cat([lo, wt.amin(dim=-1, keepdim=True).clamp(max=0)], dim=1)
             hi = torch.cat([hi, wt.amax(dim=-1, keepdim=True).clamp(min=0)], dim=1)
-        best = torch.full((out_f, full + (1 if tail else 0)), math.inf)
+        best = torch.full((out_f, full + (1 if tail else 0)), math.inf, device=w.device)
         for ratio in CLIP_RATIOS:
             lo_r, hi_r = lo * ratio, hi * ratio
             clipped = torch.maximum(torch.minimum(wg, hi_r[:, :full, None]), lo_r[:, :full, None]).reshape(out_f, main)

@@ -168,7 +168,10 @@ class TokenSample:
         self._pick: torch.Tensor | None = None
 
     def before_batch(self, batch: torch.Tensor) -> None:
-        self._pick = torch.randperm(batch.shape[0] * batch.shape[1], generator=self._gen)[:self.per_batch]
+        # Drawn on the CPU (the generator's device) whatever the batch's device, so every device
+        # samples the same positions; moved beside the batch once.
+        pick = torch.randperm(batch.shape[0] * batch.shape[1], generator=self._gen, device="cpu")[:self.per_batch]
+        self._pick = pick.to(batch.device)
 
     def take(self, x: torch.Tensor) -> torch.Tensor:
         """This batch's sampled rows of x [batch·seq, features] (a copy)."""

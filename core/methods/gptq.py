@@ -88,7 +88,7 @@ class GPTQ:
         return gptq_quantize(weight, self.H, config, name=name, cancel=cancel, sink=sink, dtype=dtype)
 
     def free(self) -> None:
-        self.H = torch.empty(0)
+        self.H = torch.empty(0, device=self.H.device)
         self.nsamples = 0
 
 
@@ -187,11 +187,12 @@ def gptq_quantize(
     # Threaded LAPACK (torch's MKL) stalls whenever another process holds a core: measured on the
     # 2-core box, the inverse of a 1024² Hessian took 0.5 s with 2 threads vs 0.065 s with 1, and
     # 3072² 2.1 s vs 0.95 s. Small inverses run serially; large ones still gain from threads.
-    with _single_thread() if n_in <= _SERIAL_INVERSE_MAX else nullcontext():
+    with _single_thread() if n_in <= _SERIAL_INVERSE_MAX and H.device.type == "cpu" else nullcontext():
         Hinv, damp_used = _inverse_hessian_cholesky(H, config.damp, name, sink)
     del H
 
-    scales = torch.zeros(out_f, n_groups if grouped else 1, dtype=torch.float32)
+    dev = W.device
+    scales = torch.zeros(out_f, n_groups if grouped else 1, dtype=torch.float32, device=dev)
     zeros = torch.zeros_like(scales)
     if tensor_params is not None:
         scale, zero = tensor_params
@@ -211,9 +212,9 @@ def gptq_quantize(
     # touch contiguous memory.
     Wt = W.t().contiguous()
     del W
-    Qt = torch.empty(n_in, out_f, dtype=torch.float32)
-    losses = torch.zeros(out_f, dtype=torch.float32)
-    with _single_thread():
+    Qt = torch.empty(n_in, out_f, dtype=torch.float32, device=dev)
+    losses = torch.zeros(out_f, dtype=torch.float32, device=dev)
+    with _single_thread() if dev.type == "cpu" else nullcontext():
         _solve(Wt, Qt, Hinv, losses, scales, zeros, static, perm_list, tensor_params, bits, sym, gs, grouped, bs,
                name, cancel, sink)
     codes = Qt.t().to(torch.uint8)
@@ -266,7 +267,7 @@ def _solve(Wt: torch.Tensor, Qt: torch.Tensor, Hinv: torch.Tensor, losses: torch
         i2 = min(i1 + bs, n_in)
         count = i2 - i1
         W1 = Wt[i1:i2]  # a view: updates land in Wt directly
-        Err1 = torch.empty(count, out_f, dtype=torch.float32)
+        Err1 = torch.empty(count, out_f, dtype=torch.float32, device=Wt.device)
         Hinv1 = Hinv[i1:i2, i1:i2]
         diag = torch.diag(Hinv1).tolist()
         for i in range(count):
@@ -305,7 +306,9 @@ class GPTQQuantizer:
         # them and decides itself what feeds the next layer.
         originals = {n: lin.weight.detach().clone() for n, lin in ctx.linears.items()}
         try:
-            staged = StagedLayer.build(ctx)
+            # Inputs streamed from host memory (they did not fit the device) go through the
+            # batch-by-batch capture passes: the staged layer keeps every batch's intermediates.
+            staged = None if getattr(ctx.inputs, "streamed", False) else StagedLayer.build(ctx)
             if staged is None or not self._quantize_staged(ctx, staged, originals, results, metrics):
                 self._quantize_groups(ctx, results, metrics)
         finally:
@@ -349,7 +352,8 @@ class GPTQQuantizer:
             self._staged_group(ctx, stages[2], (staged.norm2(h) for h in mid), originals, results, metrics, errors)
             # down_proj's inputs are kept for the final output when they fit the budget; otherwise
             # the MLP runs once more at the end (gate/up twice, still no attention).
-            keep = _fits_budget(sum(h.shape[0] * h.shape[1] for h in mid) * staged.down_proj.in_features * 4)
+            keep = _fits_budget(sum(h.shape[0] * h.shape[1] for h in mid) * staged.down_proj.in_features * 4,
+                                staged.down_proj.weight.device)
             mlp_in: list[torch.Tensor] = []
 
             def down_inputs() -> Iterator[torch.Tensor]:
@@ -419,10 +423,16 @@ class GPTQQuantizer:
                 metrics.setdefault(n, {}).update({"gptq_loss": loss, "damp": res.damp})
 
 
-def _fits_budget(nbytes: int) -> bool:
-    import psutil
+def _fits_budget(nbytes: int, device: torch.device) -> bool:
+    """Whether `nbytes` of kept activations fit the budget on `device` (its free memory: the
+    host's available RAM, or the GPU's)."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        import psutil
 
-    return nbytes <= min(GPTQ_KEEP_MAX_BYTES, psutil.virtual_memory().available // 4)
+        free = psutil.virtual_memory().available
+    return nbytes <= min(GPTQ_KEEP_MAX_BYTES, free // 4)
 
 
 def _checked(ctx: LayerContext, items: list[torch.Tensor]) -> Iterator[torch.Tensor]:

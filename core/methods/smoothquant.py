@@ -83,7 +83,7 @@ def act_quant(scheme: str, absmax: torch.Tensor) -> ActQuant:
     `absmax` over the calibration set: per-token for "dynamic", max|x| / 127 for "static"."""
     if scheme == "static":
         return ActQuant(bits=8, scheme="static", scale=torch.tensor(max(float(absmax.max()), _EPS) / 127.0,
-                                                                     dtype=torch.float32))
+                                                                     dtype=torch.float32, device=absmax.device))
     return ActQuant(bits=8, scheme="dynamic")
 
 

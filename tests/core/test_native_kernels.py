@@ -197,6 +197,7 @@ def test_views_handed_out_stay_valid_numpy_memory() -> None:
 def test_streaming_job_runs_torch_single_threaded_and_restores_it(tiny_llama_dir: Path, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from core.config import QuantJob, RTNConfig
+    from core.devices import available_threads
     from core.engine import run_quantization
     from core.events import LayerDone
 
@@ -204,14 +205,15 @@ def test_streaming_job_runs_torch_single_threaded_and_restores_it(tiny_llama_dir
         pytest.skip("needs two torch threads")
     monkeypatch.setattr(buffers, "_MIN_BYTES", 0)  # the tiny model's buffers go through the pool too
     before = torch.get_num_threads()
-    seen: list[tuple[int, bool]] = []
+    seen: list[tuple[int, int]] = []
 
     def sink(event: object) -> None:
         if isinstance(event, LayerDone):
-            seen.append((torch.get_num_threads(), P._two_workers()))
+            seen.append((torch.get_num_threads(), P._row_workers()))
 
     run_quantization(QuantJob(tiny_llama_dir, tmp_path / "q", RTNConfig(bits=4, group_size=32)), sink=sink)
-    assert seen and all(s == (1, True) for s in seen)  # torch single-threaded, the two row workers kept
+    # torch single-threaded, one row worker per core of the process's affinity
+    assert seen and all(s == (1, available_threads()) for s in seen)
     assert torch.get_num_threads() == before
     assert buffers.pool.free_bytes == 0  # the job's reusable buffers are dropped with it
 
@@ -222,9 +224,9 @@ def test_single_threaded_torch_nests_and_restores() -> None:
     before = torch.get_num_threads()
     with P.single_threaded_torch():
         with P.single_threaded_torch():
-            assert torch.get_num_threads() == 1 and P._two_workers()
+            assert torch.get_num_threads() == 1 and P._row_workers() == before
         assert torch.get_num_threads() == 1
-    assert torch.get_num_threads() == before and P._two_workers()
+    assert torch.get_num_threads() == before and P._row_workers() == before
     with pytest.raises(RuntimeError), P.single_threaded_torch():
         raise RuntimeError("boom")
     assert torch.get_num_threads() == before
