@@ -34,10 +34,13 @@ def test_sliding_window_layers_cap_the_kv_cache() -> None:
     assert gemma.formats[0].kv_cache_gib == pytest.approx(expected / GIB, abs=1e-3)
 
 
-def test_mla_caches_the_compressed_latent() -> None:
-    p = planner.plan("deepseek-r1", "h200", formats=["fp8"], context=4096, num_gpus=8, cpu_ram_gib=64)
-    assert p.formats[0].kv_cache_gib == pytest.approx(61 * (512 + 64) * 4096 * 2 / GIB, abs=1e-3)
-    assert "MLA" in p.formats[0].formulas["kv_cache"]
+def test_mla_caches_the_compressed_latent_replicated_on_every_vllm_rank() -> None:
+    p = planner.plan("deepseek-r1", "h200", formats=["fp8"], context=4096, num_gpus=8, engine="vllm", cpu_ram_gib=64)
+    latent = 61 * (512 + 64) * 4096 * 2 / GIB
+    row = p.formats[0]
+    assert [c["kv_cache_gib"] for c in row.cards] == [pytest.approx(latent, abs=1e-3)] * 8
+    assert row.kv_cache_gib == pytest.approx(8 * latent, abs=1e-3)
+    assert "MLA" in row.formulas["kv_cache"] and any("replicated" in n for n in row.notes)
 
 
 def test_weights_use_format_bits_for_linears_and_16_bit_elsewhere() -> None:
@@ -62,7 +65,11 @@ def test_offload_split_and_decode_speed_by_hand() -> None:
                        cpu_bandwidth_gb_s=50).formats[0]
     assert (row.gpu_layers, row.cpu_layers) == (n, L - n) and 0 < n < L
     assert not row.fits and row.fits_with_offload and row.missing_gib == 0
-    expected_tps = 1 / ((head + n * (layer_w + kv_layer)) / 1000e9 + (L - n) * (layer_w + kv_layer) / 50e9)
+    from core.planner_decode import GPU_BW_EFFICIENCY, KERNEL_OVERHEAD_S_PER_LAYER, STEP_OVERHEAD_S
+
+    expected_tps = 1 / ((head + n * (layer_w + kv_layer)) / (1000e9 * GPU_BW_EFFICIENCY)
+                        + (L - n) * (layer_w + kv_layer) / 50e9
+                        + L * KERNEL_OVERHEAD_S_PER_LAYER["llama.cpp"] + STEP_OVERHEAD_S["llama.cpp"])
     assert row.decode_tokens_per_s == pytest.approx(expected_tps, abs=0.01)
     assert row.cpu_ram_needed_gib == pytest.approx(((L - n) * (layer_w + kv_layer) + V * H * 2) / GIB, abs=1e-3)
 
