@@ -135,8 +135,9 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            description="IEEE float16.", aliases=("float16", "half")),
     Format("fp8", "FP8 E4M3", 8, Kind.FP8, True, None, scale_bits=32, compute=("fp8",), weight_only=False,
            fallbacks=(
-               Fallback(8.0, "weight-only FP8 via the Marlin kernel (W8A16, vLLM): same weight memory, 16-bit matmuls"),
-               Fallback(0.0, "no FP8 kernel before Ampere: weights are upcast to 16-bit at load", 16.0),
+               # vLLM's FP8 Marlin path runs from Turing (sm75) on: weights stay 1 byte.
+               Fallback(7.5, "weight-only FP8 via the Marlin kernel (W8A16, vLLM): same weight memory, 16-bit matmuls"),
+               Fallback(0.0, "no FP8 kernel before Turing: weights are upcast to 16-bit at load", 16.0),
            ),
            description="float8 e4m3 weights and activations with a per-channel fp32 weight scale (W8A8); "
                        "native on Ada (sm89), Hopper and Blackwell.", aliases=("fp8_e4m3", "float8")),

@@ -108,8 +108,12 @@ def test_vllm_uses_its_memory_share_and_tensor_parallel_bandwidth() -> None:
 def test_non_native_formats_are_flagged_with_what_happens() -> None:
     row = planner.plan("llama-3.1-8b", "rtx-3090", formats=["fp8"], cpu_ram_gib=64).formats[0]
     assert not row.native and row.runs and "Marlin" in row.support_note
+    # Turing: vLLM runs FP8 checkpoints as weight-only W8A16 (Marlin), the weights stay 1 byte
     t4 = planner.plan("llama-3.1-8b", "t4", formats=["fp8", "bf16"], cpu_ram_gib=64)
-    assert t4.formats[0].weights_gib == pytest.approx(t4.formats[1].weights_gib)  # FP8 upcast to 16-bit
+    assert "Marlin" in t4.formats[0].support_note and t4.formats[0].weights_gib < 0.6 * t4.formats[1].weights_gib
+    v100 = planner.plan("llama-3.1-8b", "v100-32gb", formats=["fp8", "bf16", "int8"], cpu_ram_gib=64)
+    assert v100.formats[0].weights_gib == pytest.approx(v100.formats[1].weights_gib)  # FP8 upcast on Volta
+    assert not v100.formats[2].native and "INT8" in v100.formats[2].support_note  # no INT8 tensor cores
 
 
 def test_exact_bytes_of_a_tiny_folder(tiny_llama_dir: Path) -> None:
