@@ -136,6 +136,39 @@ def _keep_bits(fmt: Format) -> float:
     return 32.0 if fmt.name == "fp32" else 16.0
 
 
+def unquantized_patterns(qc: dict[str, Any] | None) -> list[str]:
+    """Module patterns a checkpoint's quantization_config leaves in 16-bit: transformers'
+    modules_to_not_convert (gpt-oss: attention, router, embeddings, lm_head), compressed-tensors'
+    ignore ("re:" regexes or names), bitsandbytes' llm_int8_skip_modules."""
+    if not qc:
+        return []
+    out: list[str] = []
+    for key in ("modules_to_not_convert", "ignore", "llm_int8_skip_modules"):
+        v = qc.get(key)
+        if isinstance(v, list):
+            out += [str(x) for x in v if x]
+    return out
+
+
+def keeps_unquantized(name: str, patterns: list[str]) -> bool:
+    """Whether tensor `name` belongs to a module the patterns exclude: "re:" regex search,
+    shell-style wildcards on the module path, or a dotted name / suffix / substring."""
+    import fnmatch
+    import re
+
+    module = name.rsplit(".", 1)[0] if name.endswith((".weight", ".bias")) else name
+    for pat in patterns:
+        if pat.startswith("re:"):
+            if re.search(pat[3:], module) or re.search(pat[3:], name):
+                return True
+        elif "*" in pat:
+            if fnmatch.fnmatchcase(module, pat) or fnmatch.fnmatchcase(module, pat + ".*"):
+                return True
+        elif module == pat or module.startswith(pat + ".") or module.endswith("." + pat) or f".{pat}." in f".{module}.":
+            return True
+    return False
+
+
 def tensor_bits(t: TensorSpec, fmt: Format, spec: ModelSpec, sup: Support | None = None) -> float:
     """Bits per weight one tensor occupies in memory under `fmt`."""
     if fmt.kind is Kind.GGUF:
@@ -191,9 +224,13 @@ def _weight_costs(spec: ModelSpec, fmt: Format | None, sup: Support | None
     lr, lra = [0.0] * L, [0.0] * L
     emb = head = 0.0
     qp, qbits = 0, 0.0
+    # Planning a checkpoint's own format keeps the modules its quantization_config excludes in 16-bit.
+    keep = unquantized_patterns(spec.quantization_config) if fmt is not None and fmt.name == _stored_format(spec) else []
     for t in spec.tensors:
         if fmt is None:  # stored bytes of a real (quantized) folder
             nbytes = float(t.nbytes or 0)
+        elif keep and t.role == "linear" and keeps_unquantized(t.name, keep):
+            nbytes = t.numel * 2.0
         else:
             bits = tensor_bits(t, fmt, spec, sup)
             nbytes = t.numel * bits / 8
@@ -445,7 +482,10 @@ def _setup(model: Any, gpu: Any, *, context: int, batch: int, kv_dtype: str, eng
 def _stored_format(spec: ModelSpec) -> str:
     from core.formats import format_from_quantization_config
 
-    return format_from_quantization_config(spec.quantization_config) or "stored"
+    qc = spec.quantization_config
+    if qc and str(qc.get("quant_method", "")).lower() == "mxfp4":  # gpt-oss: MXFP4 experts
+        return "mxfp4"
+    return format_from_quantization_config(qc) or "stored"
 
 
 def _layer_order(s: _Setup) -> list[int]:
@@ -699,6 +739,9 @@ def plan(model: Any, gpu: Any = "auto", *, formats: list[str] | tuple[str, ...] 
             notes.append("this folder is already quantized: planned with its stored bytes; --formats ignored")
     else:
         names = [get_format(f).name for f in (formats or DEFAULT_PLAN_FORMATS)]
+        own = _stored_format(s.spec) if s.spec.quantization_config is not None else "stored"
+        if not formats and own != "stored" and own not in names:
+            names.insert(0, own)  # a config-only quantized checkpoint: its own format first
     if s.context > int(s.spec.config.get("max_position_embeddings") or s.context):
         notes.append(f"context {s.context} exceeds the model's max_position_embeddings "
                      f"({s.spec.config['max_position_embeddings']})")

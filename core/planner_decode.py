@@ -41,9 +41,11 @@ KERNEL_OVERHEAD_S_PER_LAYER = {"llama.cpp": 12e-6, "vllm": 12e-6, "transformers"
 STEP_OVERHEAD_S = {"llama.cpp": 0.2e-3, "vllm": 1.0e-3, "transformers": 2.0e-3}
 
 # Per MoE layer and token: router, top-k, token permutation and the expert kernels' own launches
-# (vLLM fused_moe + shared experts, expert-parallel dispatch). Fitted to the issue's DeepSeek-R1
-# on 8×H200 single-stream figure (~20-30 tok/s published, where bandwidth alone gives ~250).
-MOE_LAYER_OVERHEAD_S = {"llama.cpp": 40e-6, "vllm": 0.45e-3, "transformers": 0.3e-3}
+# (vLLM fused_moe + shared experts, expert-parallel dispatch). A compromise: DeepSeek-R1 on 8×H200
+# single-stream (~20-30 tok/s published in issue 18) would need ~0.45 ms, which would put
+# gpt-oss-120b on one H100 far below its published single-stream speed; the R1 miss is listed
+# and explained in benchmarks/planner_vs_published.md.
+MOE_LAYER_OVERHEAD_S = {"llama.cpp": 40e-6, "vllm": 0.15e-3, "transformers": 0.3e-3}
 
 # Latency of one small-message all-reduce (a token's hidden state, a few KB): nccl-tests report
 # ≈ 8-15 µs over NVLink/NVSwitch and ≈ 25-40 µs over PCIe without NVLink; between machines over
