@@ -661,7 +661,8 @@ def _row(s: _Setup, fmt_name: str, gpu_layers: int | None) -> FormatPlan:
         fits = fits_off = False
         missing = max(missing, max(c.total - c.capacity for c in over))
     if cpu_moe:
-        notes.append(f"experts on CPU: the routed experts of {len(cpu_moe)} of {L} layers stay in CPU RAM "
+        fits = False  # "fits" means everything on the GPU(s); fits_with_offload says whether it runs
+        notes.append(f"experts on CPU: the routed experts of {sum(1 for i in cpu_moe if lr[i])} of {L} layers stay in CPU RAM "
                      f"({_gib(experts_cpu):.2f} GiB; llama.cpp -ot exps=CPU / --n-cpu-moe {len(cpu_moe)}), "
                      "attention, dense layers and shared experts on the GPU")
     head_read = head + (emb if spec.tied_embeddings else 0.0)  # a tied lm_head reads the embedding matrix
