@@ -92,8 +92,13 @@ def load_model(model: Any) -> ModelSpec:
 
         return _from_source(open_model(path, check_architecture=False))
     if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            from core.planner_gguf import spec_from_gguf
+
+            return spec_from_gguf(path)
         if path.suffix != ".json":
-            raise ValueError(f"{path} is not a folder or a config.json; pass a model folder, a config.json or a catalog id")
+            raise ValueError(f"{path} is not a folder, a GGUF file or a config.json; pass a model folder, "
+                             "a .gguf, a config.json or a catalog id")
         try:
             cfg = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
@@ -449,6 +454,9 @@ def _setup(model: Any, gpu: Any, *, context: int, batch: int, kv_dtype: str, eng
     if llama_cpp_mla not in LLAMA_CPP_MLA_LAYOUTS:
         raise ValueError(f"llama_cpp_mla must be one of {', '.join(LLAMA_CPP_MLA_LAYOUTS)}, got {llama_cpp_mla!r}")
     spec = load_model(model)
+    qc = spec.quantization_config or {}
+    if engine == "llama.cpp" and llama_cpp_mla == "current" and qc.get("mla_layout") == "pre-mla":
+        llama_cpp_mla = "pre-mla"  # the GGUF header says llama.cpp will run full multi-head attention
     gpus = resolve_gpus(gpu)
     g = gpus[0]
     for card in gpus:
@@ -566,7 +574,8 @@ def _row(s: _Setup, fmt_name: str, gpu_layers: int | None) -> FormatPlan:
         label, name = fmt.label, fmt.name
     else:
         name = _stored_format(spec)
-        label = f"as stored ({name})"
+        gguf_type = (spec.quantization_config or {}).get("quant_method") == "gguf"
+        label = "GGUF file as stored (exact tensor bytes)" if gguf_type else f"as stored ({name})"
         sup = Support(True, True, "")
         if name != "stored":
             try:
@@ -675,7 +684,8 @@ def _row(s: _Setup, fmt_name: str, gpu_layers: int | None) -> FormatPlan:
     all_bits = 8 * weights / n_params if n_params else 0.0
     bpw = qbits / qp if qp else all_bits
     if fmt is None:
-        weights_formula = f"exact stored tensor bytes from the safetensors headers: {weights:,.0f} B"
+        src = "GGUF header" if spec.source == "gguf" else "safetensors headers"
+        weights_formula = f"exact stored tensor bytes from the {src}: {weights:,.0f} B"
     elif fmt.kind is Kind.GGUF:
         weights_formula = (f"{qp:,} linear params × {bpw:.4f} bpw (llama.cpp {fmt.label} mix) + embeddings/lm_head "
                            "per llama.cpp rules + norms F32")
