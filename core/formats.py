@@ -186,6 +186,9 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("q2_k", "GGUF Q2_K", 2, Kind.GGUF, True, 256, compute=("int8", "fp16"), quantizes_embeddings=True,
            gguf_type="Q2_K", mixture=True, fallbacks=_GGUF_FALLBACKS,
            description="Q2_K base; attn_v Q4_K (GQA ≥ 4) or Q3_K; ffn_down and attn_output Q3_K; output Q6_K."),
+    Format("q4_0", "GGUF Q4_0", 4.5, Kind.GGUF, True, 32, compute=("int8", "fp16"), quantizes_embeddings=True,
+           gguf_type="Q4_0", fallbacks=_GGUF_FALLBACKS,
+           description="llama.cpp legacy: 32 4-bit codes + one fp16 scale per block; output Q6_K (llama-bench's model)."),
     Format("iq1_s", "GGUF IQ1_S", 1.5625, Kind.GGUF, True, 256, compute=("int8", "fp16"), quantizes_embeddings=True,
            gguf_type="IQ1_S", fallbacks=_GGUF_FALLBACKS,
            description="llama.cpp i-quant: 1.5625 bpw (50 B per 256 weights); needs an importance matrix. "
