@@ -459,7 +459,8 @@ def _setup(model: Any, gpu: Any, *, context: int, batch: int, kv_dtype: str, eng
     if engine == "llama.cpp" and llama_cpp_mla == "current" and qc.get("mla_layout") == "pre-mla":
         llama_cpp_mla = "pre-mla"  # the GGUF header says llama.cpp will run full multi-head attention
     gpus = resolve_gpus(gpu)
-    g = gpus[0]
+    # Formats must run on every card: support is judged on the oldest one.
+    g = min(gpus, key=lambda c: c.compute_capability)
     for card in gpus:
         if card.memory_gib <= 0:
             raise ValueError(f"GPU {card.name} has no memory size; use custom_gpu(memory_gib, bandwidth_gb_s)")
