@@ -193,3 +193,13 @@ def test_plan_json_carries_layout_and_per_card_fields() -> None:
         assert key in row
     assert row["max_card_gib"] == max(c["total_gib"] for c in row["cards"])
     assert sum(c["weights_gib"] for c in row["cards"]) == pytest.approx(row["weights_gib"], abs=0.01)
+
+
+@pytest.mark.parametrize("model_id", ["gpt-oss-20b", "gpt-oss-120b", "qwen3-30b-a3b", "llama-4-scout", "llama-4-maverick",
+                                      "kimi-k2", "glm-4.5", "glm-4.5-air"])
+def test_new_catalog_models_count_their_published_parameters(model_id: str) -> None:
+    # The catalog's params_b is the publisher's figure; the planner counts from config facts alone
+    # (Llama-4's vision encoder and GLM's MTP layer are not counted, hence 2%).
+    entry = catalog.get_model(model_id)
+    spec = planner.load_model(model_id)
+    assert spec.is_moe and spec.total_params / 1e9 == pytest.approx(entry.params_b, rel=0.02)
