@@ -47,9 +47,9 @@ ROWS: tuple[Row, ...] = (
     Row("Mixtral-8x7B Q4_K_M GGUF file", "mixtral-8x7b h200 q4_k_m file_gb engine=llama.cpp", 26.44,
         _TB.format("Mixtral-8x7B-v0.1"),
         "the planner gives ffn_down Q6_K in 16 of 32 layers (current llama_tensor_get_type, +2.0 GB over "
-        "8 experts × 4096 × 14336 per layer); TheBloke's December-2023 file was quantized when the experts "
-        "were 8 separate tensors per layer and evidently got almost no Q6_K bumps; not checked against its "
-        "tensor list"),
+        "8 experts × 4096 × 14336 per layer), which is about the whole difference; TheBloke's December-2023 "
+        "file was quantized when the experts were 8 separate tensors per layer, so its llama.cpp likely "
+        "counted the bumps differently; not checked against the file's tensor list"),
     Row("Llama-3.1-8B Q8_0 GGUF file", "llama-3.1-8b h200 q8_0 file_gb engine=llama.cpp", 8.54, _BART.format("8B")),
     Row("Llama-3.1-8B Q6_K GGUF file", "llama-3.1-8b h200 q6_k file_gb engine=llama.cpp", 6.60, _BART.format("8B")),
     Row("Llama-3.1-8B Q5_K_M GGUF file", "llama-3.1-8b h200 q5_k_m file_gb engine=llama.cpp", 5.73, _BART.format("8B")),
