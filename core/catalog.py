@@ -1,7 +1,8 @@
 """The GPU and model catalogs shipped in `resources/` (data, not code): load, look up, search.
 
-GPU entries give memory (GiB), peak bandwidth (decimal GB/s), generation, compute capability and
-the datatypes the card runs natively. Model entries hold only config.json facts, so the planner
+GPU entries give memory (GiB), the memory CUDA reports as usable (GiB), peak bandwidth (decimal
+GB/s), generation, compute capability, the datatypes the card runs natively, whether its cards talk
+over NVLink, and which engines run on it (Apple silicon and AMD Instinct entries say what works). Model entries hold only config.json facts, so the planner
 works for models that are not downloaded.
 """
 from __future__ import annotations
@@ -26,16 +27,29 @@ class GPUSpec:
     native_formats: tuple[str, ...]
     match: tuple[str, ...] = ()
     note: str = ""
+    # What torch.cuda / the driver reports as total memory: the marketing figure less ECC and
+    # firmware reservations (H100 80GB: 79.1 GiB, H200: 139.8 GiB). None: same as memory_gib.
+    usable_gib: float | None = None
+    nvlink: bool = False  # multi-card systems of this card link over NVLink/NVSwitch (else PCIe)
+    engines: tuple[str, ...] = ("transformers", "vllm", "llama.cpp")
+    unified_memory: bool = False  # Apple silicon: GPU memory is the machine's RAM
 
     @property
     def memory_bytes(self) -> int:
         return int(self.memory_gib * GIB)
+
+    @property
+    def usable_memory_gib(self) -> float:
+        """GiB an engine can plan with on one card."""
+        return float(self.usable_gib if self.usable_gib else self.memory_gib)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id, "name": self.name, "memory_gib": self.memory_gib,
             "bandwidth_gb_s": self.bandwidth_gb_s, "generation": self.generation,
             "compute_capability": self.compute_capability, "native_formats": list(self.native_formats),
+            "usable_gib": self.usable_memory_gib, "nvlink": self.nvlink, "engines": list(self.engines),
+            "unified_memory": self.unified_memory,
             **({"note": self.note} if self.note else {}),
         }
 
@@ -63,6 +77,9 @@ def _gpu_from(d: dict[str, Any]) -> GPUSpec:
         id=d["id"], name=d["name"], memory_gib=d["memory_gib"] or 0.0, bandwidth_gb_s=d["bandwidth_gb_s"] or 0.0,
         generation=d["generation"], compute_capability=float(d["compute_capability"]),
         native_formats=tuple(d["native_formats"]), match=tuple(d.get("match", ())), note=d.get("note", ""),
+        usable_gib=d.get("usable_gib"), nvlink=bool(d.get("nvlink", False)),
+        engines=tuple(d.get("engines", ("transformers", "vllm", "llama.cpp"))),
+        unified_memory=bool(d.get("unified_memory", False)),
     )
 
 

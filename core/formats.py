@@ -102,6 +102,11 @@ GGUF_TYPES: dict[str, tuple[int, int]] = {
     "Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24),
     "IQ4_NL": (32, 18),
     "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
+    "Q8_K": (256, 292),
+    # i-quants (llama.cpp ggml-common.h block_iq*): lattice codebooks, 256-weight super-blocks
+    "IQ1_S": (256, 50), "IQ1_M": (256, 56), "IQ2_XXS": (256, 66), "IQ2_XS": (256, 74), "IQ2_S": (256, 82),
+    "IQ3_XXS": (256, 98), "IQ3_S": (256, 110), "IQ4_XS": (256, 136),
+    "MXFP4": (32, 17),  # gpt-oss GGUFs: 32 E2M1 codes + one E8M0 scale
 }
 
 
@@ -135,8 +140,9 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            description="IEEE float16.", aliases=("float16", "half")),
     Format("fp8", "FP8 E4M3", 8, Kind.FP8, True, None, scale_bits=32, compute=("fp8",), weight_only=False,
            fallbacks=(
-               Fallback(8.0, "weight-only FP8 via the Marlin kernel (W8A16, vLLM): same weight memory, 16-bit matmuls"),
-               Fallback(0.0, "no FP8 kernel before Ampere: weights are upcast to 16-bit at load", 16.0),
+               # vLLM's FP8 Marlin path runs from Turing (sm75) on: weights stay 1 byte.
+               Fallback(7.5, "weight-only FP8 via the Marlin kernel (W8A16, vLLM): same weight memory, 16-bit matmuls"),
+               Fallback(0.0, "no FP8 kernel before Turing: weights are upcast to 16-bit at load", 16.0),
            ),
            description="float8 e4m3 weights and activations with a per-channel fp32 weight scale (W8A8); "
                        "native on Ada (sm89), Hopper and Blackwell.", aliases=("fp8_e4m3", "float8")),
@@ -180,6 +186,33 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("q2_k", "GGUF Q2_K", 2, Kind.GGUF, True, 256, compute=("int8", "fp16"), quantizes_embeddings=True,
            gguf_type="Q2_K", mixture=True, fallbacks=_GGUF_FALLBACKS,
            description="Q2_K base; attn_v Q4_K (GQA ≥ 4) or Q3_K; ffn_down and attn_output Q3_K; output Q6_K."),
+    Format("q4_0", "GGUF Q4_0", 4.5, Kind.GGUF, True, 32, compute=("int8", "fp16"), quantizes_embeddings=True,
+           gguf_type="Q4_0", fallbacks=_GGUF_FALLBACKS,
+           description="llama.cpp legacy: 32 4-bit codes + one fp16 scale per block; output Q6_K (llama-bench's model)."),
+    Format("iq1_s", "GGUF IQ1_S", 1.5625, Kind.GGUF, True, 256, compute=("int8", "fp16"), quantizes_embeddings=True,
+           gguf_type="IQ1_S", fallbacks=_GGUF_FALLBACKS,
+           description="llama.cpp i-quant: 1.5625 bpw (50 B per 256 weights); needs an importance matrix. "
+                       "Planned as IQ1_S everywhere with output Q6_K (llama.cpp's real mix bumps a few tensors)."),
+    Format("iq1_m", "GGUF IQ1_M", 1.75, Kind.GGUF, True, 256, compute=("int8", "fp16"), quantizes_embeddings=True,
+           gguf_type="IQ1_M", fallbacks=_GGUF_FALLBACKS, description="llama.cpp i-quant: 1.75 bpw (56 B per 256)."),
+    Format("iq2_xxs", "GGUF IQ2_XXS", 2.0625, Kind.GGUF, True, 256, compute=("int8", "fp16"),
+           quantizes_embeddings=True, gguf_type="IQ2_XXS", fallbacks=_GGUF_FALLBACKS,
+           description="llama.cpp i-quant: 2.0625 bpw (66 B per 256)."),
+    Format("iq2_xs", "GGUF IQ2_XS", 2.3125, Kind.GGUF, True, 256, compute=("int8", "fp16"), quantizes_embeddings=True,
+           gguf_type="IQ2_XS", fallbacks=_GGUF_FALLBACKS, description="llama.cpp i-quant: 2.3125 bpw (74 B per 256)."),
+    Format("iq2_s", "GGUF IQ2_S", 2.5625, Kind.GGUF, True, 256, compute=("int8", "fp16"), quantizes_embeddings=True,
+           gguf_type="IQ2_S", fallbacks=_GGUF_FALLBACKS, description="llama.cpp i-quant: 2.5625 bpw (82 B per 256)."),
+    Format("iq3_xxs", "GGUF IQ3_XXS", 3.0625, Kind.GGUF, True, 256, compute=("int8", "fp16"),
+           quantizes_embeddings=True, gguf_type="IQ3_XXS", fallbacks=_GGUF_FALLBACKS,
+           description="llama.cpp i-quant: 3.0625 bpw (98 B per 256)."),
+    Format("iq3_s", "GGUF IQ3_S", 3.4375, Kind.GGUF, True, 256, compute=("int8", "fp16"), quantizes_embeddings=True,
+           gguf_type="IQ3_S", fallbacks=_GGUF_FALLBACKS, description="llama.cpp i-quant: 3.4375 bpw (110 B per 256)."),
+    Format("iq4_xs", "GGUF IQ4_XS", 4.25, Kind.GGUF, True, 256, compute=("int8", "fp16"), quantizes_embeddings=True,
+           gguf_type="IQ4_XS", fallbacks=_GGUF_FALLBACKS,
+           description="llama.cpp i-quant: 4.25 bpw (136 B per 256): non-linear 4-bit grid, 6-bit sub-scales."),
+    Format("iq4_nl", "GGUF IQ4_NL", 4.5, Kind.GGUF, True, 32, compute=("int8", "fp16"), quantizes_embeddings=True,
+           gguf_type="IQ4_NL", fallbacks=_GGUF_FALLBACKS,
+           description="llama.cpp: non-linear 4-bit grid, 32-weight blocks with an fp16 scale (4.5 bpw)."),
     Format("mxfp4", "MXFP4", 4, Kind.MICROSCALING, True, 32, scale_bits=8, compute=("fp4",),
            fallbacks=_FP4_FALLBACKS,
            description="OCP MX: E2M1 codes, one E8M0 (power-of-two) scale per 32 weights; native on Blackwell."),
@@ -249,7 +282,9 @@ def _use_more_bits(i: int, n: int) -> bool:
 
 
 # Block types that need rows divisible by 256, and what llama.cpp uses when a row is not.
-_K_FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+_K_FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
+               "IQ1_S": "IQ4_NL", "IQ1_M": "IQ4_NL", "IQ2_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL", "IQ2_S": "IQ4_NL",
+               "IQ3_XXS": "IQ4_NL", "IQ3_S": "IQ4_NL", "IQ4_XS": "IQ4_NL"}
 
 
 def gguf_tensor_type(fmt: Format, category: str, layer: int, n_layers: int, row: int, *,

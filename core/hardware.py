@@ -43,7 +43,9 @@ class DetectedGPU:
         if self.catalog is not None:
             c = self.catalog
             return GPUSpec(c.id, self.name, round(self.total_gib, 3), c.bandwidth_gb_s, c.generation,
-                           c.compute_capability, c.native_formats, c.match, c.note)
+                           c.compute_capability, c.native_formats, c.match, c.note,
+                           usable_gib=round(self.total_gib, 3), nvlink=c.nvlink, engines=c.engines,
+                           unified_memory=c.unified_memory)
         natives = ["fp32"]
         if cc >= 6.0:
             natives += ["fp16"]

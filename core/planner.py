@@ -5,11 +5,14 @@ Every estimate is the sum of parts, and every part carries the formula shown to 
     weights      quantized linears at the format's bits per weight (scales, zeros, metadata
                  included); embeddings, lm_head and norms in 16-bit (GGUF: llama.cpp's own mix)
     KV cache     2 · kv_heads · head_dim · tokens · batch · bytes per attention layer, tokens capped
-                 at the window on sliding-window layers; MLA caches (kv_lora_rank + rope_dim) per token
+                 at the window on sliding-window layers; MLA as each engine stores it (planner_kv)
     activations  the live tensors of one decoder layer for a prefill chunk, plus fp32 logits
+                 (llama.cpp: its compute buffer, growing with context × ubatch without flash attention)
     overhead     CUDA context and the engine's own reservations, per card
-Decode speed is the memory-bound estimate tokens/s = 1 / (bytes_on_gpu / gpu_bw + bytes_off_gpu / bw).
-Sizes are GiB (2^30 bytes); bandwidths decimal GB/s.
+Several cards (planner_parallel): each card's own share is checked against that card's usable
+memory. MoE expert offload keeps routed experts in CPU RAM and everything else on the GPU.
+Decode speed: planner_decode (bandwidth at a calibrated efficiency plus kernel, routing and
+all-reduce latencies). Sizes are GiB (2^30 bytes); bandwidths decimal GB/s.
 """
 from __future__ import annotations
 
@@ -21,18 +24,26 @@ from typing import Any, Callable
 
 from core import catalog
 from core.catalog import GPUSpec
-from core.config import GPTQ_KEEP_MAX_BYTES
 from core.formats import DEFAULT_PLAN_FORMATS, Format, Kind, Support, get_format, gguf_tensor_type, gguf_type_bpw, support
 from core.param_count import ModelSpec, TensorSpec, classify, describe, from_config, text_config
 from core.validate import check_config_bounds
+from core.planner_decode import StageRead, decode_seconds
+from core.planner_kv import (KV_DTYPES, LLAMA_CPP_MLA_LAYOUTS, kv_bytes_per_element,  # noqa: F401 - public API
+                             kv_cache_layers, kv_rank_share)
+from core.planner_parallel import Card, Layout, make_layout, stage_layers
+from core.planner_quantize import QUANT_METHODS, quantize_memory, quantize_memory_all  # noqa: F401 - public API
 
 log = logging.getLogger(__name__)
 
 GIB = 2**30
 ENGINES = ("transformers", "vllm", "llama.cpp")
-KV_DTYPES = ("fp16", "bf16", "fp8", "int8")
 DEFAULT_CPU_BANDWIDTH_GB_S = 50.0  # dual-channel DDR5 desktop; servers reach 200-400
 DEFAULT_PCIE_BANDWIDTH_GB_S = 25.0  # PCIe 4.0 x16, effective
+# vLLM's default max_num_batched_tokens for the OpenAI server (EngineArgs V1 defaults): 2048 on
+# cards with less than 70 GiB, 8192 on larger ones. Its profiling run sizes activations with it.
+VLLM_BATCHED_TOKENS_SMALL, VLLM_BATCHED_TOKENS_LARGE, VLLM_LARGE_CARD_GIB = 2048, 8192, 70.0
+LLAMA_CPP_UBATCH = 512  # llama.cpp's default -ub (physical batch) for prompt processing
+NCCL_BUFFERS_GIB = 0.25  # per card when several cards talk (NCCL/custom all-reduce buffers)
 
 
 @dataclass(frozen=True)
@@ -42,7 +53,7 @@ class EngineProfile:
     extra_gib: float  # per card: CUDA graphs (vLLM), ...
     extra_label: str
     fragmentation: float  # share of (KV + activations) lost to the caching allocator
-    prefill_chunk: int | None  # tokens processed per prefill step (None: the whole prompt)
+    prefill_chunk: int | None  # tokens processed per prefill step (None: the whole prompt; vLLM: by card)
     embeddings_on_gpu: bool
     gpu_layers_first: bool  # offload keeps the first layers on the GPU (else the last)
     kv_follows_layer: bool  # KV of CPU-resident layers lives in CPU RAM
@@ -84,8 +95,13 @@ def load_model(model: Any) -> ModelSpec:
 
         return _from_source(open_model(path, check_architecture=False))
     if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            from core.planner_gguf import spec_from_gguf
+
+            return spec_from_gguf(path)
         if path.suffix != ".json":
-            raise ValueError(f"{path} is not a folder or a config.json; pass a model folder, a config.json or a catalog id")
+            raise ValueError(f"{path} is not a folder, a GGUF file or a config.json; pass a model folder, "
+                             "a .gguf, a config.json or a catalog id")
         try:
             cfg = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
@@ -130,6 +146,39 @@ def _keep_bits(fmt: Format) -> float:
     return 32.0 if fmt.name == "fp32" else 16.0
 
 
+def unquantized_patterns(qc: dict[str, Any] | None) -> list[str]:
+    """Module patterns a checkpoint's quantization_config leaves in 16-bit: transformers'
+    modules_to_not_convert (gpt-oss: attention, router, embeddings, lm_head), compressed-tensors'
+    ignore ("re:" regexes or names), bitsandbytes' llm_int8_skip_modules."""
+    if not qc:
+        return []
+    out: list[str] = []
+    for key in ("modules_to_not_convert", "ignore", "llm_int8_skip_modules"):
+        v = qc.get(key)
+        if isinstance(v, list):
+            out += [str(x) for x in v if x]
+    return out
+
+
+def keeps_unquantized(name: str, patterns: list[str]) -> bool:
+    """Whether tensor `name` belongs to a module the patterns exclude: "re:" regex search,
+    shell-style wildcards on the module path, or a dotted name / suffix / substring."""
+    import fnmatch
+    import re
+
+    module = name.rsplit(".", 1)[0] if name.endswith((".weight", ".bias")) else name
+    for pat in patterns:
+        if pat.startswith("re:"):
+            if re.search(pat[3:], module) or re.search(pat[3:], name):
+                return True
+        elif "*" in pat:
+            if fnmatch.fnmatchcase(module, pat) or fnmatch.fnmatchcase(module, pat + ".*"):
+                return True
+        elif module == pat or module.startswith(pat + ".") or module.endswith("." + pat) or f".{pat}." in f".{module}.":
+            return True
+    return False
+
+
 def tensor_bits(t: TensorSpec, fmt: Format, spec: ModelSpec, sup: Support | None = None) -> float:
     """Bits per weight one tensor occupies in memory under `fmt`."""
     if fmt.kind is Kind.GGUF:
@@ -170,14 +219,28 @@ class _Costs:
         return sum(self.layer_weights) + self.embedding + self.head
 
 
-def _weight_costs(spec: ModelSpec, fmt: Format | None, sup: Support | None) -> tuple[list[float], list[float], float, float, int, float]:
+def is_routed_expert(t: TensorSpec) -> bool:
+    """A routed expert's weights (not a shared expert's): what "experts on CPU" moves."""
+    n = t.name
+    return t.role == "linear" and (".experts." in n or "_exps" in n) and "shared" not in n
+
+
+def _weight_costs(spec: ModelSpec, fmt: Format | None, sup: Support | None
+                  ) -> tuple[list[float], list[float], float, float, int, float, list[float], list[float]]:
+    """Per-layer bytes (all, read per token), embedding, head, quantized params and bits, and the
+    per-layer bytes of routed experts (all, read per token)."""
     L = spec.num_layers
     lw, la = [0.0] * L, [0.0] * L
+    lr, lra = [0.0] * L, [0.0] * L
     emb = head = 0.0
     qp, qbits = 0, 0.0
+    # Planning a checkpoint's own format keeps the modules its quantization_config excludes in 16-bit.
+    keep = unquantized_patterns(spec.quantization_config) if fmt is not None and fmt.name == _stored_format(spec) else []
     for t in spec.tensors:
         if fmt is None:  # stored bytes of a real (quantized) folder
             nbytes = float(t.nbytes or 0)
+        elif keep and t.role == "linear" and keeps_unquantized(t.name, keep):
+            nbytes = t.numel * 2.0
         else:
             bits = tensor_bits(t, fmt, spec, sup)
             nbytes = t.numel * bits / 8
@@ -187,53 +250,32 @@ def _weight_costs(spec: ModelSpec, fmt: Format | None, sup: Support | None) -> t
         if 0 <= t.layer < L:
             lw[t.layer] += nbytes
             la[t.layer] += nbytes * t.active_fraction
+            if is_routed_expert(t):
+                lr[t.layer] += nbytes
+                lra[t.layer] += nbytes * t.active_fraction
         elif t.role == "embedding":
             emb += nbytes
         else:
             head += nbytes
-    return lw, la, emb, head, qp, qbits
+    return lw, la, emb, head, qp, qbits, lr, lra
 
 
-def kv_bytes_per_element(kv_dtype: str, engine: str) -> float:
-    if kv_dtype not in KV_DTYPES:
-        raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
-    if kv_dtype in ("fp16", "bf16"):
-        return 2.0
-    if kv_dtype == "int8" and engine == "llama.cpp":
-        return 34 / 32  # q8_0 blocks: 32 int8 + one fp16 scale
-    return 1.0
+def prefill_chunk(engine: str, gpu: GPUSpec | None = None) -> int | None:
+    """Tokens one prefill step processes: vLLM's max_num_batched_tokens default for the card,
+    llama.cpp's ubatch, None (the whole prompt) for transformers."""
+    if engine == "vllm" and gpu is not None:
+        large = gpu.usable_memory_gib >= VLLM_LARGE_CARD_GIB
+        return VLLM_BATCHED_TOKENS_LARGE if large else VLLM_BATCHED_TOKENS_SMALL
+    return ENGINE_PROFILES[engine].prefill_chunk
 
 
-def kv_cache_layers(spec: ModelSpec, context: int, batch: int, kv_dtype: str = "fp16",
-                    engine: str = "transformers") -> tuple[list[float], str]:
-    """KV-cache bytes per decoder layer and the formula."""
-    b = kv_bytes_per_element(kv_dtype, engine)
-    if spec.mla is not None:
-        width = spec.mla.kv_lora_rank + spec.mla.qk_rope_head_dim
-        per = width * context * batch * b
-        formula = (f"MLA latent: {spec.num_layers} layers × ({spec.mla.kv_lora_rank} kv_lora_rank + "
-                   f"{spec.mla.qk_rope_head_dim} rope_dim) × {context} tokens × {batch} batch × {b:g} B")
-        return [per] * spec.num_layers, formula
-    full = sum(1 for k in spec.layer_types if k == "full")
-    sliding = spec.num_layers - full
-    w = min(context, spec.sliding_window or context)
-    out = []
-    for kind in spec.layer_types:
-        tokens = w if kind == "sliding" else context
-        out.append(2 * spec.num_kv_heads * spec.head_dim * tokens * batch * b)
-    head = f"2 × {spec.num_kv_heads} kv_heads × {spec.head_dim} head_dim"
-    parts = []
-    if full:
-        parts.append(f"{head} × {full} layers × {context} tokens")
-    if sliding:
-        parts.append(f"{head} × {sliding} sliding layers × min({context}, {spec.sliding_window}) tokens")
-    return out, " + ".join(parts) + f" (× {batch} batch × {b:g} B)"
-
-
-def activation_bytes(spec: ModelSpec, context: int, batch: int, engine: str, act_bytes: float = 2.0) -> tuple[float, str]:
-    """Peak live activations of one decoder layer during prefill, plus fp32 logits."""
-    prof = ENGINE_PROFILES[engine]
-    tokens = batch * context if prof.prefill_chunk is None else min(batch * context, prof.prefill_chunk)
+def activation_bytes(spec: ModelSpec, context: int, batch: int, engine: str, act_bytes: float = 2.0,
+                     gpu: GPUSpec | None = None, flash_attention: bool = True) -> tuple[float, str]:
+    """Peak live activations of one decoder layer during prefill, plus fp32 logits. Without
+    flash attention llama.cpp's compute buffer also holds one layer's fp32 attention scores,
+    ubatch × context × heads × 4 B (GiBs at 32k context)."""
+    chunk_size = prefill_chunk(engine, gpu)
+    tokens = batch * context if chunk_size is None else min(batch * context, chunk_size)
     H = spec.hidden_size
     if spec.mla is not None:
         q_dim = spec.num_heads * (spec.mla.qk_nope_head_dim + spec.mla.qk_rope_head_dim)
@@ -252,9 +294,13 @@ def activation_bytes(spec: ModelSpec, context: int, batch: int, engine: str, act
     per_token = 2 * H + max(attn, mlp)
     logits = batch * spec.vocab_size * 4
     total = tokens * per_token * act_bytes + logits
-    chunk = "whole prompt" if prof.prefill_chunk is None else f"chunk ≤ {prof.prefill_chunk}"
+    chunk = "whole prompt" if chunk_size is None else f"chunk ≤ {chunk_size}"
     formula = (f"{tokens} tokens ({chunk}) × (2×{H} hidden + max(attention {attn}, MLP 3×{inter})) × {act_bytes:g} B"
                f" + logits {batch} × {spec.vocab_size} vocab × 4 B")
+    if engine == "llama.cpp" and not flash_attention:
+        scores = tokens * min(context, batch * context) * spec.num_heads * 4
+        total += scores
+        formula += f" + attention scores {tokens} ubatch × {context} context × {spec.num_heads} heads × 4 B (no flash attention)"
     return total, formula
 
 
@@ -286,6 +332,15 @@ class FormatPlan:
     support_note: str
     formulas: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    tp: int = 1
+    pp: int = 1
+    nodes: int = 1
+    cards: list[dict[str, Any]] = field(default_factory=list)  # per-card figures (Card.to_json)
+    max_card_gib: float = 0.0  # the fullest card's total
+    decode_total_tokens_per_s: float | None = None  # all `batch` sequences together
+    expert_offload: bool = False
+    cpu_moe_layers: int = 0  # decoder layers whose routed experts live in CPU RAM
+    experts_cpu_gib: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in (
@@ -293,7 +348,8 @@ class FormatPlan:
             "kv_cache_gib",
             "activations_gib", "overhead_gib", "total_gib", "capacity_gib", "fits", "gpu_layers", "cpu_layers",
             "gpu_used_gib", "cpu_ram_needed_gib", "fits_with_offload", "missing_gib", "decode_tokens_per_s",
-            "native", "runs", "support_note", "formulas", "notes")}
+            "native", "runs", "support_note", "formulas", "notes", "tp", "pp", "nodes", "cards", "max_card_gib", "decode_total_tokens_per_s",
+            "expert_offload", "cpu_moe_layers", "experts_cpu_gib")}
         return d
 
 
@@ -311,6 +367,7 @@ class Plan:
     cpu_bandwidth_gb_s: float
     formats: list[FormatPlan]
     notes: list[str] = field(default_factory=list)
+    layout: dict[str, Any] = field(default_factory=dict)
 
     def row(self, name: str) -> FormatPlan:
         fmt = get_format(name).name if name != "stored" else "stored"
@@ -325,7 +382,7 @@ class Plan:
             "batch": self.batch, "kv_dtype": self.kv_dtype, "engine": self.engine,
             "gpu_memory_utilization": self.gpu_memory_utilization, "cpu_ram_gib": _r(self.cpu_ram_gib),
             "cpu_bandwidth_gb_s": self.cpu_bandwidth_gb_s,
-            "formats": [f.to_json() for f in self.formats], "notes": self.notes,
+            "layout": self.layout, "formats": [f.to_json() for f in self.formats], "notes": self.notes,
         }
 
 
@@ -342,6 +399,10 @@ class _Setup:
     cpu_ram_gib: float
     cpu_bw: float
     pcie_bw: float
+    layout: Layout
+    cpu_moe_layers: int = 0  # the first N decoder layers keep their routed experts in CPU RAM
+    llama_cpp_mla: str = "current"
+    flash_attention: bool = True
 
 
 def _validate(context: int, batch: int, engine: str, num_gpus: int, util: float, kv_dtype: str) -> None:
@@ -352,7 +413,7 @@ def _validate(context: int, batch: int, engine: str, num_gpus: int, util: float,
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if not isinstance(num_gpus, int) or not 1 <= num_gpus <= 8:
-        raise ValueError(f"num_gpus must be between 1 and 8 identical cards, got {num_gpus}")
+        raise ValueError(f"num_gpus must be between 1 and 8 identical cards per machine, got {num_gpus}")
     if not 0.0 < util <= 1.0:
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], e.g. 0.9, got {util}")
     if kv_dtype not in KV_DTYPES:
@@ -374,14 +435,50 @@ def resolve_gpu(gpu: GPUSpec | str | None) -> GPUSpec:
     return catalog.get_gpu(str(gpu))
 
 
-def _setup(model: Any, gpu: GPUSpec | str | None, *, context: int, batch: int, kv_dtype: str, engine: str,
+def resolve_gpus(gpu: GPUSpec | str | list[GPUSpec | str] | tuple[GPUSpec | str, ...] | None) -> list[GPUSpec]:
+    """One GPUSpec per listed card: a spec, a catalog id, "auto", a list of them, or a
+    comma-separated string ("rtx-4090,rtx-3090") for unequal cards."""
+    if isinstance(gpu, (list, tuple)):
+        items: list[Any] = list(gpu)
+    elif isinstance(gpu, str) and "," in gpu:
+        items = [x.strip() for x in gpu.split(",") if x.strip()]
+    else:
+        items = [gpu]
+    if not items:
+        raise ValueError("no GPU given; name at least one (see `quantscope catalog gpus`)")
+    return [resolve_gpu(x) for x in items]
+
+
+def _setup(model: Any, gpu: Any, *, context: int, batch: int, kv_dtype: str, engine: str,
            num_gpus: int, gpu_memory_utilization: float, cpu_ram_gib: float | None,
-           cpu_bandwidth_gb_s: float | None, pcie_bandwidth_gb_s: float | None) -> _Setup:
+           cpu_bandwidth_gb_s: float | None, pcie_bandwidth_gb_s: float | None, tp: int | None = None,
+           pp: int | None = None, nodes: int = 1, interconnect: str | None = None, expert_offload: bool = False,
+           cpu_moe_layers: int | None = None, llama_cpp_mla: str = "current",
+           flash_attention: bool = True) -> _Setup:
     _validate(context, batch, engine, num_gpus, gpu_memory_utilization, kv_dtype)
+    if llama_cpp_mla not in LLAMA_CPP_MLA_LAYOUTS:
+        raise ValueError(f"llama_cpp_mla must be one of {', '.join(LLAMA_CPP_MLA_LAYOUTS)}, got {llama_cpp_mla!r}")
     spec = load_model(model)
-    g = resolve_gpu(gpu)
-    if g.memory_gib <= 0:
-        raise ValueError(f"GPU {g.name} has no memory size; use custom_gpu(memory_gib, bandwidth_gb_s)")
+    qc = spec.quantization_config or {}
+    if engine == "llama.cpp" and llama_cpp_mla == "current" and qc.get("mla_layout") == "pre-mla":
+        llama_cpp_mla = "pre-mla"  # the GGUF header says llama.cpp will run full multi-head attention
+    gpus = resolve_gpus(gpu)
+    # Formats must run on every card: support is judged on the oldest one.
+    g = min(gpus, key=lambda c: c.compute_capability)
+    for card in gpus:
+        if card.memory_gib <= 0:
+            raise ValueError(f"GPU {card.name} has no memory size; use custom_gpu(memory_gib, bandwidth_gb_s)")
+        if engine not in card.engines:
+            raise ValueError(f"{engine} does not run on {card.name} (engines there: {', '.join(card.engines)})")
+    layout = make_layout(spec, gpus, engine, num_gpus=num_gpus, tp=tp, pp=pp, nodes=nodes, interconnect=interconnect)
+    n_moe = 0
+    if expert_offload or cpu_moe_layers is not None:
+        if not spec.is_moe:
+            raise ValueError(f"{spec.name} has no routed experts; expert offload needs a mixture-of-experts model")
+        L = spec.num_layers
+        n_moe = L if cpu_moe_layers is None else cpu_moe_layers
+        if not isinstance(n_moe, int) or not 0 <= n_moe <= L:
+            raise ValueError(f"cpu_moe_layers must be between 0 and {L} (the model's decoder layers), got {cpu_moe_layers}")
     if cpu_ram_gib is None:
         from core.hardware import system_memory
 
@@ -392,14 +489,17 @@ def _setup(model: Any, gpu: GPUSpec | str | None, *, context: int, batch: int, k
     pcie_bw = DEFAULT_PCIE_BANDWIDTH_GB_S if pcie_bandwidth_gb_s is None else float(pcie_bandwidth_gb_s)
     if cpu_bw <= 0 or pcie_bw <= 0:
         raise ValueError("cpu and PCIe bandwidths must be positive GB/s")
-    return _Setup(spec, g, num_gpus, context, batch, kv_dtype, engine, gpu_memory_utilization,
-                  float(cpu_ram_gib), cpu_bw, pcie_bw)
+    return _Setup(spec, g, layout.n_cards, context, batch, kv_dtype, engine, gpu_memory_utilization,
+                  float(cpu_ram_gib), cpu_bw, pcie_bw, layout, n_moe, llama_cpp_mla, flash_attention)
 
 
 def _stored_format(spec: ModelSpec) -> str:
     from core.formats import format_from_quantization_config
 
-    return format_from_quantization_config(spec.quantization_config) or "stored"
+    qc = spec.quantization_config
+    if qc and str(qc.get("quant_method", "")).lower() == "mxfp4":  # gpt-oss: MXFP4 experts
+        return "mxfp4"
+    return format_from_quantization_config(qc) or "stored"
 
 
 def _layer_order(s: _Setup) -> list[int]:
@@ -422,6 +522,69 @@ def most_layers_that_fit(num_layers: int, fits: Callable[[int], bool]) -> int:
     return lo
 
 
+def _cards(s: _Setup, gpu_layers: list[int], lw: list[float], kv_one: list[float], share: float, emb: float,
+           head: float, act_stage: float, per_card_gib: float, util: float) -> list[Card]:
+    """Each card's own weights, KV, activations and overhead for the layers on the GPU(s).
+    vLLM splits layers evenly over pipeline stages; llama.cpp and transformers in proportion to
+    each card's memory. Embeddings sit on the first stage (when on a GPU), lm_head on the last."""
+    lay, prof = s.layout, ENGINE_PROFILES[s.engine]
+    L = s.spec.num_layers
+    sizes = [1.0] * lay.pp if s.engine == "vllm" else [lay.stage_cards(st)[0].usable_memory_gib for st in range(lay.pp)]
+    split = stage_layers(len(gpu_layers), sizes)
+    on = set(gpu_layers)
+    # transformers keeps the KV of CPU-resident layers on the GPU (the first card holds it)
+    stray_kv = 0.0 if prof.kv_follows_layer else sum(kv_one[i] for i in range(L) if i not in on) * share
+    out: list[Card] = []
+    for st, idx in enumerate(split):
+        layers = [gpu_layers[k] for k in idx]
+        w = sum(lw[i] for i in layers) + (emb if st == 0 and prof.embeddings_on_gpu else 0.0)
+        w += head if st == lay.pp - 1 else 0.0
+        kv_c = sum(kv_one[i] for i in layers) * share + (stray_kv if st == 0 else 0.0)
+        act_c = act_stage / lay.tp
+        for g in lay.stage_cards(st):
+            over = per_card_gib * GIB + prof.fragmentation * (kv_c + act_c)
+            out.append(Card(len(out), g, st, layers, w / lay.tp, kv_c, act_c, over, g.usable_memory_gib * GIB * util))
+    return out
+
+
+def _decode(s: _Setup, cards: list[Card], gpu_layers: list[int], la: list[float], lr: list[float],
+            lra: list[float], kv_one: list[float], share: float, head_read: float, cpu_moe: set[int],
+            sup: Support) -> tuple[float | None, float | None, str]:
+    """Per-sequence and aggregate decode tokens/s for this split (planner_decode)."""
+    spec, lay, prof = s.spec, s.layout, ENGINE_PROFILES[s.engine]
+    if not sup.runs or any(c.gpu.bandwidth_gb_s <= 0 for c in cards):
+        return None, None, "not estimated: this GPU's bandwidth is unknown or the format does not run on it"
+    L = spec.num_layers
+    touched = 1.0
+    if spec.is_moe:
+        # Distinct experts a batch touches: each sequence picks top-k of n independently.
+        k = spec.experts_per_tok / spec.n_routed_experts
+        touched = (1 - (1 - k) ** s.batch) / k
+    lra_b = [x * touched for x in lra]
+    stages: list[StageRead] = []
+    for st in range(lay.pp):
+        c = cards[st * lay.tp]
+        dense = sum(la[i] - lra[i] for i in c.layers) / lay.tp + c.kv
+        dense += head_read / lay.tp if st == lay.pp - 1 else 0.0
+        experts = sum(lra_b[i] for i in c.layers if i not in cpu_moe) / lay.tp
+        stages.append(StageRead(dense, experts, c.gpu.bandwidth_gb_s, len(c.layers), sum(1 for i in c.layers if lr[i])))
+    on = set(gpu_layers)
+    off = [i for i in range(L) if i not in on]
+    cpu_dense = sum(la[i] - lra[i] for i in off)
+    if prof.kv_follows_layer:
+        cpu_dense += sum(kv_one[i] for i in off) * share
+    cpu_experts = sum(lra_b[i] for i in set(off) | cpu_moe)
+    if off:
+        stages.append(StageRead(0.0, 0.0, 1.0, len(off), sum(1 for i in off if lr[i])))
+    off_bw = min(s.cpu_bw, s.pcie_bw) if prof.offload_streams_weights and off else s.cpu_bw
+    seconds, formula = decode_seconds(stages, engine=s.engine, tp=lay.tp, interconnect=lay.interconnect,
+                                      cpu_dense_bytes=cpu_dense, cpu_expert_bytes=cpu_experts,
+                                      cpu_bandwidth_gb_s=off_bw)
+    if s.batch > 1:
+        formula += f"; per sequence, {s.batch} sequences per step"
+    return _r(1.0 / seconds, 2), _r(s.batch / seconds, 2), formula
+
+
 def _row(s: _Setup, fmt_name: str, gpu_layers: int | None) -> FormatPlan:
     spec, prof = s.spec, ENGINE_PROFILES[s.engine]
     stored = fmt_name == "stored" or (spec.quantization_config is not None and spec.exact)
@@ -432,7 +595,8 @@ def _row(s: _Setup, fmt_name: str, gpu_layers: int | None) -> FormatPlan:
         label, name = fmt.label, fmt.name
     else:
         name = _stored_format(spec)
-        label = f"as stored ({name})"
+        gguf_type = (spec.quantization_config or {}).get("quant_method") == "gguf"
+        label = "GGUF file as stored (exact tensor bytes)" if gguf_type else f"as stored ({name})"
         sup = Support(True, True, "")
         if name != "stored":
             try:
@@ -442,30 +606,45 @@ def _row(s: _Setup, fmt_name: str, gpu_layers: int | None) -> FormatPlan:
                     sup = Support(sup.native, sup.runs, sup.how + " (memory shown as stored)")
             except ValueError:
                 pass
-    lw, la, emb, head, qp, qbits = _weight_costs(spec, fmt, sup)
-    kv_layers, kv_formula = kv_cache_layers(spec, s.context, s.batch, s.kv_dtype, s.engine)
+    lw_all, la_all, emb, head, qp, qbits, lr, lra = _weight_costs(spec, fmt, sup)
+    lay = s.layout
+    kv_one, kv_formula = kv_cache_layers(spec, s.context, s.batch, s.kv_dtype, s.engine, s.llama_cpp_mla)
+    share, share_note = kv_rank_share(spec, s.engine, lay.tp, s.llama_cpp_mla)
+    kv_layers = [k * share * lay.tp for k in kv_one]  # all TP ranks of a layer's stage together
+    if share_note:
+        notes.append(share_note)
+        kv_formula += f"; × {share * lay.tp:g} under TP {lay.tp}"
     act_b = 4.0 if fmt is not None and fmt.name == "fp32" else 2.0
-    act, act_formula = activation_bytes(spec, s.context, s.batch, s.engine, act_b)
-    weights = sum(lw) + emb + head
+    smallest = min(lay.cards, key=lambda g: g.usable_memory_gib)
+    act_stage, act_formula = activation_bytes(spec, s.context, s.batch, s.engine, act_b, smallest, s.flash_attention)
+    act = act_stage * lay.pp  # every stage holds one layer's live activations (split over its TP ranks)
+    if lay.pp > 1:
+        act_formula += f"; on each of {lay.pp} stages"
+    weights = sum(lw_all) + emb + head
     kv = sum(kv_layers)
-    per_card = prof.cuda_context_gib + prof.extra_gib + (0.25 if s.num_gpus > 1 and s.engine != "llama.cpp" else 0.0)
-    overhead = per_card * GIB * s.num_gpus + prof.fragmentation * (kv + act)
-    over_formula = f"{s.num_gpus} card(s) × ({prof.cuda_context_gib:g} GiB CUDA context"
+    # MoE expert offload: the routed experts of the first cpu_moe_layers layers live in CPU RAM.
+    cpu_moe = set(range(s.cpu_moe_layers))
+    experts_cpu = sum(lr[i] for i in cpu_moe)
+    lw = [lw_all[i] - (lr[i] if i in cpu_moe else 0.0) for i in range(spec.num_layers)]
+    multi = lay.n_cards > 1 and s.engine != "llama.cpp"
+    per_card = prof.cuda_context_gib + prof.extra_gib + (NCCL_BUFFERS_GIB if multi else 0.0)
+    overhead = per_card * GIB * lay.n_cards + prof.fragmentation * (kv + act)
+    over_formula = f"{lay.n_cards} card(s) × ({prof.cuda_context_gib:g} GiB CUDA context"
     if prof.extra_gib:
         over_formula += f" + {prof.extra_gib:g} GiB {prof.extra_label}"
-    if s.num_gpus > 1 and s.engine != "llama.cpp":
-        over_formula += " + 0.25 GiB NCCL buffers"
+    if multi:
+        over_formula += f" + {NCCL_BUFFERS_GIB:g} GiB NCCL buffers"
     over_formula += ")"
     if prof.fragmentation:
         over_formula += f" + {prof.fragmentation:.0%} allocator fragmentation × (KV + activations)"
     total = weights + kv + act + overhead
     util = s.util if s.engine == "vllm" else 1.0
-    capacity = s.gpu.memory_gib * GIB * s.num_gpus * util
+    capacity = sum(g.usable_memory_gib for g in lay.cards) * GIB * util
 
     # Offload split: fixed GPU parts, then whole decoder layers in the engine's order.
     L = spec.num_layers
     fixed = overhead + act + head + (emb if prof.embeddings_on_gpu else 0.0)
-    cpu_fixed = 0.0 if prof.embeddings_on_gpu else emb
+    cpu_fixed = (0.0 if prof.embeddings_on_gpu else emb) + experts_cpu
     order = _layer_order(s)
 
     def usage(n: int) -> tuple[float, float]:
@@ -501,32 +680,31 @@ def _row(s: _Setup, fmt_name: str, gpu_layers: int | None) -> FormatPlan:
     if not fits and fits_off:
         notes.append(f"offload: {n} of {L} decoder layers on the GPU, {L - n} in CPU RAM ({_gib(cpu_b):.2f} GiB)")
 
-    # Decode speed: bytes read per generated token.
-    on_gpu = set(order[:n])
-    gpu_read = head + sum(la[i] for i in on_gpu)
-    off_read = sum(la[i] for i in range(L) if i not in on_gpu)
-    for i in range(L):
-        if i in on_gpu or not prof.kv_follows_layer:
-            gpu_read += kv_layers[i]
-        else:
-            off_read += kv_layers[i]
-    gpu_bw = s.gpu.bandwidth_gb_s * (s.num_gpus if prof.tensor_parallel else 1)
-    off_bw = min(s.cpu_bw, s.pcie_bw) if prof.offload_streams_weights else s.cpu_bw
-    tps: float | None = None
-    if gpu_bw > 0 and sup.runs:
-        seconds = gpu_read / (gpu_bw * 1e9) + off_read / (off_bw * 1e9)
-        tps = _r(1.0 / seconds, 2) if seconds > 0 else None
-    speed_formula = (f"1 / ({_gib(gpu_read):.3f} GiB on GPU / {gpu_bw:g} GB/s"
-                     + (f" + {_gib(off_read):.3f} GiB off GPU / {off_bw:g} GB/s" if off_read else "")
-                     + ") — memory-bound upper bound per sequence at full context; real engines reach ~60-85%")
-    if prof.offload_streams_weights and off_read:
+    cards = _cards(s, sorted(order[:n]), lw, kv_one, share, emb, head, act_stage, per_card, util)
+    over = [c for c in cards if not c.fits]
+    if over and lay.n_cards > 1:
+        worst = max(over, key=lambda c: c.total - c.capacity)
+        notes.append(f"card {worst.index} ({worst.gpu.name}) needs {_gib(worst.total):.2f} GiB of its "
+                     f"{_gib(worst.capacity):.2f} GiB: each card must hold its own share")
+        fits = fits_off = False
+        missing = max(missing, max(c.total - c.capacity for c in over))
+    if cpu_moe:
+        fits = False  # "fits" means everything on the GPU(s); fits_with_offload says whether it runs
+        notes.append(f"experts on CPU: the routed experts of {sum(1 for i in cpu_moe if lr[i])} of {L} layers stay in CPU RAM "
+                     f"({_gib(experts_cpu):.2f} GiB; llama.cpp -ot exps=CPU / --n-cpu-moe {len(cpu_moe)}), "
+                     "attention, dense layers and shared experts on the GPU")
+    head_read = head + (emb if spec.tied_embeddings else 0.0)  # a tied lm_head reads the embedding matrix
+    tps, total_tps, speed_formula = _decode(s, cards, sorted(order[:n]), la_all, lr, lra, kv_one, share, head_read,
+                                            cpu_moe, sup)
+    if prof.offload_streams_weights and n < L:
         notes.append(f"{s.engine} copies CPU-resident weights over PCIe every token ({s.pcie_bw:g} GB/s)")
 
     n_params = spec.total_params
     all_bits = 8 * weights / n_params if n_params else 0.0
     bpw = qbits / qp if qp else all_bits
     if fmt is None:
-        weights_formula = f"exact stored tensor bytes from the safetensors headers: {weights:,.0f} B"
+        src = "GGUF header" if spec.source == "gguf" else "safetensors headers"
+        weights_formula = f"exact stored tensor bytes from the {src}: {weights:,.0f} B"
     elif fmt.kind is Kind.GGUF:
         weights_formula = (f"{qp:,} linear params × {bpw:.4f} bpw (llama.cpp {fmt.label} mix) + embeddings/lm_head "
                            "per llama.cpp rules + norms F32")
@@ -553,28 +731,37 @@ def _row(s: _Setup, fmt_name: str, gpu_layers: int | None) -> FormatPlan:
         runs=sup.runs, support_note=sup.how,
         formulas={"weights": weights_formula, "kv_cache": kv_formula, "activations": act_formula,
                   "overhead": over_formula, "decode_tokens_per_s": speed_formula},
-        notes=notes,
+        notes=notes, tp=lay.tp, pp=lay.pp, nodes=lay.nodes, cards=[c.to_json() for c in cards],
+        max_card_gib=_r(_gib(max(c.total for c in cards))), expert_offload=bool(cpu_moe),
+        cpu_moe_layers=len(cpu_moe), experts_cpu_gib=_r(_gib(experts_cpu)), decode_total_tokens_per_s=total_tps,
     )
 
 
 def _gpu_json(s: _Setup) -> dict[str, Any]:
-    return s.gpu.to_json()
+    return s.gpu.to_json()  # the first card; Plan.layout lists every card
 
 
-def plan(model: Any, gpu: GPUSpec | str | None = "auto", *, formats: list[str] | tuple[str, ...] | None = None,
+def plan(model: Any, gpu: Any = "auto", *, formats: list[str] | tuple[str, ...] | None = None,
          context: int = 4096, batch: int = 1, kv_dtype: str = "fp16", engine: str = "transformers",
          num_gpus: int = 1, gpu_memory_utilization: float = 0.9, cpu_ram_gib: float | None = None,
-         cpu_bandwidth_gb_s: float | None = None, pcie_bandwidth_gb_s: float | None = None) -> Plan:
+         cpu_bandwidth_gb_s: float | None = None, pcie_bandwidth_gb_s: float | None = None,
+         **parallel: Any) -> Plan:
     """Memory, offload split and decode speed for each format (default: DEFAULT_PLAN_FORMATS).
 
-    model: catalog id, model folder, config.json path, config dict or ModelSpec. A quantized
-    folder (config has quantization_config) is planned once, with its real stored bytes.
-    gpu: GPUSpec, catalog id/name, or "auto" for the first detected GPU.
+    model: catalog id, model folder, config.json path, GGUF file, config dict or ModelSpec. A
+    quantized folder (config has quantization_config) or a GGUF file is planned once, with its
+    real stored bytes.
+    gpu: GPUSpec, catalog id/name, "auto" for the first detected GPU, or a list / comma-separated
+    string of cards ("rtx-4090,rtx-3090") for unequal cards.
     cpu_ram_gib: RAM available for offloaded layers (default: this machine's available RAM).
+    parallel (keyword only): tp, pp, nodes (machines of num_gpus cards), interconnect
+    ("nvlink" | "pcie" | "network"), expert_offload (routed experts in CPU RAM), cpu_moe_layers
+    (only the first N layers' experts), llama_cpp_mla ("current" | "2025" | "pre-mla"),
+    flash_attention (llama.cpp compute buffer).
     """
     s = _setup(model, gpu, context=context, batch=batch, kv_dtype=kv_dtype, engine=engine, num_gpus=num_gpus,
                gpu_memory_utilization=gpu_memory_utilization, cpu_ram_gib=cpu_ram_gib,
-               cpu_bandwidth_gb_s=cpu_bandwidth_gb_s, pcie_bandwidth_gb_s=pcie_bandwidth_gb_s)
+               cpu_bandwidth_gb_s=cpu_bandwidth_gb_s, pcie_bandwidth_gb_s=pcie_bandwidth_gb_s, **parallel)
     notes = list(s.spec.notes)
     if s.spec.quantization_config is not None and s.spec.exact:
         names = ["stored"]
@@ -582,141 +769,33 @@ def plan(model: Any, gpu: GPUSpec | str | None = "auto", *, formats: list[str] |
             notes.append("this folder is already quantized: planned with its stored bytes; --formats ignored")
     else:
         names = [get_format(f).name for f in (formats or DEFAULT_PLAN_FORMATS)]
+        own = _stored_format(s.spec) if s.spec.quantization_config is not None else "stored"
+        if not formats and own != "stored" and own not in names:
+            names.insert(0, own)  # a config-only quantized checkpoint: its own format first
     if s.context > int(s.spec.config.get("max_position_embeddings") or s.context):
         notes.append(f"context {s.context} exceeds the model's max_position_embeddings "
                      f"({s.spec.config['max_position_embeddings']})")
     if s.batch > 1 and s.spec.is_moe:
-        notes.append("MoE with batch > 1 touches more experts per step than top-k; decode speed is optimistic")
+        notes.append("MoE with batch > 1: decode reads the distinct experts the batch touches, "
+                     "n · (1 − (1 − k/n)^batch) per layer, assuming independent routing")
+    if s.spec.mla is not None and s.engine == "transformers":
+        notes.append("transformers caches MLA as expanded per-head K and V (≈70× the latent vLLM and llama.cpp keep)")
     rows = [_row(s, n, None) for n in names]
     return Plan(model=s.spec.to_json(), gpu=_gpu_json(s), num_gpus=s.num_gpus, context=s.context, batch=s.batch,
                 kv_dtype=s.kv_dtype, engine=s.engine, gpu_memory_utilization=s.util, cpu_ram_gib=s.cpu_ram_gib,
-                cpu_bandwidth_gb_s=s.cpu_bw, formats=rows, notes=notes)
+                cpu_bandwidth_gb_s=s.cpu_bw, formats=rows, notes=notes, layout=s.layout.to_json())
 
 
-def plan_offload(model: Any, gpu: GPUSpec | str | None = "auto", *, format: str = "int4_g128", gpu_layers: int,
+def plan_offload(model: Any, gpu: Any = "auto", *, format: str = "int4_g128", gpu_layers: int,
                  context: int = 4096, batch: int = 1, kv_dtype: str = "fp16", engine: str = "transformers",
                  num_gpus: int = 1, gpu_memory_utilization: float = 0.9, cpu_ram_gib: float | None = None,
-                 cpu_bandwidth_gb_s: float | None = None, pcie_bandwidth_gb_s: float | None = None) -> FormatPlan:
+                 cpu_bandwidth_gb_s: float | None = None, pcie_bandwidth_gb_s: float | None = None,
+                 **parallel: Any) -> FormatPlan:
     """One format with a user-chosen number of decoder layers on the GPU (the GUI's slider):
-    GPU and CPU memory for that split, whether it fits, and the decode speed."""
+    GPU and CPU memory for that split, whether it fits, and the decode speed. `parallel` as in
+    plan() (expert_offload / cpu_moe_layers give the "experts on CPU" view)."""
     s = _setup(model, gpu, context=context, batch=batch, kv_dtype=kv_dtype, engine=engine, num_gpus=num_gpus,
                gpu_memory_utilization=gpu_memory_utilization, cpu_ram_gib=cpu_ram_gib,
-               cpu_bandwidth_gb_s=cpu_bandwidth_gb_s, pcie_bandwidth_gb_s=pcie_bandwidth_gb_s)
+               cpu_bandwidth_gb_s=cpu_bandwidth_gb_s, pcie_bandwidth_gb_s=pcie_bandwidth_gb_s, **parallel)
     name = "stored" if s.spec.quantization_config is not None and s.spec.exact else get_format(format).name
     return _row(s, name, gpu_layers)
-
-
-# --- memory needed to quantize ----------------------------------------------------------------
-
-QUANT_METHODS = ("rtn", "nf4", "fp8", "gptq", "awq", "smoothquant", "llm_int8")
-_CALIBRATED = ("gptq", "awq", "smoothquant", "llm_int8")
-PROCESS_BASE_GIB = 0.6  # Python + torch + transformers + tokenizer, measured RSS after import ≈ 0.3-0.6 GiB
-CALIB_TOKENS_PER_BATCH = 4096  # the engine's forward batch (core.engine)
-
-
-def _method_name(method: Any) -> str:
-    name = method if isinstance(method, str) else getattr(method, "method", type(method).__name__)
-    name = str(name).lower().replace("-", "_").replace(".", "_")
-    name = {"fp4": "nf4"}.get(name, name)  # FourBitConfig.method is its quant_type
-    if name not in QUANT_METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(QUANT_METHODS)}")
-    return name
-
-
-def quantize_memory(model: Any, method: Any, calib: Any = None, *, device: str = "cpu") -> dict[str, Any]:
-    """Peak memory the layer-by-layer engine needs to quantize `model` with `method`.
-
-    The engine holds one decoder layer in float32 (plus the dequantized copy it uses to run the
-    quantized layer forward), the calibration hidden states entering and leaving the layer
-    (samples × seq_len × hidden × 4 B each), GPTQ's fp32 Hessian of one linear group at a time
-    (with its working copies) and the activations its staged layer keeps,
-    AWQ's cached linear inputs, and a model-size-independent process base. With device "cuda" the
-    layer, Hessians and activations sit on the GPU and the CPU keeps the process and staging copy.
-    calib: a core.config.CalibConfig (or anything with .samples and .seq_len); default 128 × 512.
-    """
-    name = _method_name(method)
-    spec = load_model(model)
-    samples = int(getattr(calib, "samples", 128))
-    seq_len = int(getattr(calib, "seq_len", 512))
-    if samples <= 0 or seq_len <= 0:
-        raise ValueError(f"calibration samples and seq_len must be positive, got {samples} × {seq_len}")
-    H = spec.hidden_size
-    layers = [spec.layer_tensors(i) for i in range(spec.num_layers)]
-    layer_params = [sum(t.numel for t in lt) for lt in layers]
-    big = max(range(spec.num_layers), key=lambda i: layer_params[i])
-    lin = [t for t in layers[big] if t.role == "linear"]
-    layer_fp32 = layer_params[big] * 4
-    # The engine runs the calibration forward with dequantized weights beside the originals.
-    dequant_copy = sum(t.numel for t in lin) * 4
-    largest_linear = max((t.numel for t in lin), default=0) * 4
-    parts: dict[str, float] = {"layer_fp32": layer_fp32, "dequantized_copy": dequant_copy,
-                               "work_buffers": 2 * largest_linear}
-    formulas = {
-        "layer_fp32": f"largest decoder layer (#{big}) {layer_params[big]:,} params × 4 B",
-        "dequantized_copy": "its linears dequantized for the quantized forward × 4 B",
-        "work_buffers": "2 × largest linear × 4 B (rounding / clamping temporaries)",
-    }
-    calibrated = name in _CALIBRATED
-    if calibrated:
-        acts = 2 * samples * seq_len * H * 4
-        parts["calibration_activations"] = acts
-        formulas["calibration_activations"] = f"2 (layer in + out) × {samples} samples × {seq_len} seq_len × {H} hidden × 4 B"
-        per_batch = max(1, CALIB_TOKENS_PER_BATCH // seq_len)
-        parts["attention_scores"] = per_batch * spec.num_heads * seq_len * seq_len * 4
-        formulas["attention_scores"] = f"{per_batch} samples per forward × {spec.num_heads} heads × {seq_len}² × 4 B"
-        embed_stage = spec.vocab_size * H * 4 + acts / 2
-        formulas["embedding_stage"] = (f"{spec.vocab_size} vocab × {H} hidden × 4 B + the embedded calibration text "
-                                       "(before the first layer; freed after)")
-    if name == "gptq":
-        # One group's Hessian at a time (freed before the next group's is collected); while it
-        # is solved, a working copy and the inverse's factor sit beside it (measured peak ≈ 3×).
-        hess = 3 * max(((t.shape[0] if len(t.shape) == 3 else 1) * t.in_features ** 2 * 4 for t in lin), default=0)
-        parts["hessians"] = hess
-        formulas["hessians"] = "3 × the largest in_features² × 4 B (Hessian, working copy, inverse factor; of " + \
-            ", ".join(sorted({f"{t.in_features}²" for t in lin})) + "; one linear group at a time)"
-        # The staged layer keeps o_proj's inputs, and down_proj's when they fit its budget.
-        tokens = samples * seq_len
-        q_dim = spec.num_heads * spec.head_dim
-        down_in = tokens * spec.intermediate_size * 4
-        keeps_down = down_in <= GPTQ_KEEP_MAX_BYTES
-        kept = tokens * q_dim * 4 + (down_in if keeps_down else 0)
-        parts["gptq_kept_activations"] = kept
-        formulas["gptq_kept_activations"] = (
-            f"{samples} × {seq_len} tokens × ({q_dim} attention out"
-            + (f" + {spec.intermediate_size} down_proj in" if keeps_down else "")
-            + ") × 4 B (kept between the steps of the layer; down_proj's only when ≤ 4 GiB and a quarter of "
-              "free memory)")
-    if name == "awq":
-        q_dim = spec.num_heads * spec.head_dim
-        cached = samples * seq_len * (2 * H + q_dim + spec.intermediate_size) * 4
-        parts["awq_linear_inputs"] = cached
-        formulas["awq_linear_inputs"] = (f"{samples} × {seq_len} × (2×{H} + {q_dim} + {spec.intermediate_size}) × 4 B "
-                                         "(inputs of qkv, o, gate/up, down kept for the scale search)")
-    if name == "smoothquant" or name == "llm_int8":
-        parts["channel_stats"] = sum(t.in_features for t in lin) * 4
-        formulas["channel_stats"] = "per input channel max|x| of each linear × 4 B"
-    base = PROCESS_BASE_GIB * GIB
-    work = sum(parts.values())
-    if calibrated and embed_stage > work:
-        parts = {"embedding_stage": embed_stage}
-        work = embed_stage
-    if device.startswith("cuda"):
-        gpu = work
-        cpu = base + layer_fp32  # the layer is read and converted on the CPU before moving
-    else:
-        gpu = 0.0
-        cpu = base + work
-    formulas["process_base"] = f"{PROCESS_BASE_GIB:g} GiB Python + torch + transformers (independent of model size)"
-    return {
-        "method": name, "device": device, "samples": samples if calibrated else 0,
-        "seq_len": seq_len if calibrated else 0,
-        "peak_cpu_gib": _r(_gib(cpu)), "peak_gpu_gib": _r(_gib(gpu)),
-        "parts_gib": {k: _r(_gib(v), 4) for k, v in parts.items()} | {"process_base": PROCESS_BASE_GIB},
-        "formulas": formulas,
-    }
-
-
-def quantize_memory_all(model: Any, calib: Any = None, *, device: str = "cpu") -> dict[str, dict[str, Any]]:
-    """quantize_memory for every method, keyed by method name."""
-    spec = load_model(model)
-    return {m: quantize_memory(spec, m, calib, device=device) for m in QUANT_METHODS}

@@ -15,11 +15,28 @@ def register(subparsers: Any) -> None:
                     "format, how many decoder layers fit on the GPU(s), and the memory-bound decode speed. "
                     "Needs no weights: --model may be a catalog id (see `quantscope catalog models`).",
     )
-    p.add_argument("--model", required=True, help="model folder, config.json, or catalog id (e.g. llama-3.1-8b)")
-    p.add_argument("--gpu", default="auto", help="'auto' (first detected GPU), a catalog GPU (e.g. rtx-4090) or 'custom'")
+    p.add_argument("--model", required=True,
+                   help="model folder, config.json, GGUF file, or catalog id (e.g. llama-3.1-8b)")
+    p.add_argument("--gpu", default="auto",
+                   help="'auto' (first detected GPU), a catalog GPU (e.g. rtx-4090), 'custom', or one GPU per card "
+                        "for unequal cards (e.g. rtx-4090,rtx-3090: llama.cpp splits layers by memory)")
     p.add_argument("--gpu-memory", type=float, default=None, help="GiB per card, for --gpu custom")
     p.add_argument("--gpu-bandwidth", type=float, default=None, help="GB/s per card, for --gpu custom")
-    p.add_argument("--num-gpus", type=int, default=1, help="identical cards (1-8)")
+    p.add_argument("--num-gpus", type=int, default=1, help="identical cards per machine (1-8)")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (vllm; default: the cards of one machine)")
+    p.add_argument("--pp", type=int, default=None, help="pipeline-parallel stages (default: one per machine)")
+    p.add_argument("--nodes", type=int, default=1, help="machines of --num-gpus cards each (1)")
+    p.add_argument("--interconnect", default=None, choices=["nvlink", "pcie", "network"],
+                   help="link of the tensor-parallel all-reduces (default: from the catalog card and --nodes)")
+    p.add_argument("--experts-on-cpu", action="store_true",
+                   help="MoE: routed experts of every layer in CPU RAM (llama.cpp -ot exps=CPU), the rest on the GPU")
+    p.add_argument("--n-cpu-moe", type=int, default=None, metavar="N",
+                   help="MoE: routed experts of the first N layers in CPU RAM (llama.cpp --n-cpu-moe N)")
+    p.add_argument("--llama-cpp-mla", default="current", choices=["current", "2025", "pre-mla"],
+                   help="llama.cpp MLA cache: current (latent 576, since PR #19067), 2025 (K 576 + V 512, "
+                        "PR #12801 builds), pre-mla (full per-head K/V: old GGUFs/builds)")
+    p.add_argument("--no-flash-attn", action="store_true",
+                   help="llama.cpp without flash attention: its compute buffer holds ubatch × context scores")
     p.add_argument("--context", type=int, default=4096, help="tokens of context per sequence (4096)")
     p.add_argument("--batch", type=int, default=1, help="concurrent sequences (1)")
     p.add_argument("--kv-dtype", default="fp16", choices=["fp16", "bf16", "fp8", "int8"], help="KV-cache dtype")
@@ -39,6 +56,8 @@ def register(subparsers: Any) -> None:
 def _gpu(args: argparse.Namespace) -> Any:
     from core import catalog
 
+    if "," in args.gpu:
+        return [catalog.get_gpu(x.strip()) for x in args.gpu.split(",") if x.strip()]
     if args.gpu.lower() == "custom" or args.gpu_memory is not None:
         if args.gpu_memory is None or args.gpu_bandwidth is None:
             raise UserError("--gpu custom needs --gpu-memory GIB and --gpu-bandwidth GB/S")
@@ -60,7 +79,12 @@ def _check(args: argparse.Namespace) -> None:
     if args.batch <= 0:
         raise UserError(f"--batch must be a positive integer, got {args.batch}")
     if not 1 <= args.num_gpus <= 8:
-        raise UserError(f"--num-gpus must be between 1 and 8, got {args.num_gpus}")
+        raise UserError(f"--num-gpus must be between 1 and 8 per machine, got {args.num_gpus} (add machines with --nodes)")
+    for flag, v in (("--tp", args.tp), ("--pp", args.pp), ("--nodes", args.nodes)):
+        if v is not None and v < 1:
+            raise UserError(f"{flag} must be a positive integer, got {v}")
+    if args.n_cpu_moe is not None and args.n_cpu_moe < 0:
+        raise UserError(f"--n-cpu-moe must be zero or a positive number of layers, got {args.n_cpu_moe}")
 
 
 def _cell(v: Any) -> str:
@@ -105,7 +129,10 @@ def run(args: argparse.Namespace) -> int:
     formats = [f.strip() for f in args.formats.split(",") if f.strip()] if args.formats else None
     common = dict(context=args.context, batch=args.batch, kv_dtype=args.kv_dtype, engine=args.engine,
                   num_gpus=args.num_gpus, gpu_memory_utilization=args.gpu_memory_utilization,
-                  cpu_ram_gib=args.cpu_ram, cpu_bandwidth_gb_s=args.cpu_bandwidth)
+                  cpu_ram_gib=args.cpu_ram, cpu_bandwidth_gb_s=args.cpu_bandwidth, tp=args.tp, pp=args.pp,
+                  nodes=args.nodes, interconnect=args.interconnect, expert_offload=args.experts_on_cpu,
+                  cpu_moe_layers=args.n_cpu_moe, llama_cpp_mla=args.llama_cpp_mla,
+                  flash_attention=not args.no_flash_attn)
     result = planner.plan(args.model, gpu, formats=formats, **common)
     doc = result.to_json()
     if args.gpu_layers is not None:
@@ -122,10 +149,24 @@ def run(args: argparse.Namespace) -> int:
     w = sys.stdout.write
     w(f"model: {m['name']} ({m['source']}), {m['total_params'] / 1e9:.3f} B parameters{active}, "
       f"{m['num_layers']} layers\n")
-    w(f"GPU: {args.num_gpus} × {g['name']} ({g['memory_gib']:g} GiB, {g['bandwidth_gb_s']:g} GB/s); engine {args.engine}; "
+    lay = doc["layout"]
+    cards = f"{lay['num_cards']} × {g['name']}" if len(set(lay["gpus"])) == 1 else " + ".join(lay["gpus"])
+    par = f" (TP {lay['tp']} × PP {lay['pp']}, {lay['nodes']} machine(s), {lay['interconnect']})" if lay["num_cards"] > 1 else ""
+    w(f"GPU: {cards}{par} ({g['usable_gib']:g} GiB usable, {g['bandwidth_gb_s']:g} GB/s); engine {args.engine}; "
       f"context {args.context} × batch {args.batch}, KV {args.kv_dtype}; CPU RAM {doc['cpu_ram_gib']:.1f} GiB\n\n")
     w(format_table(doc["formats"]) + "\n\n")
     first = doc["formats"][0]
+    if len(first["cards"]) > 1:
+        w(f"per card ({first['format']}):\n")
+        for c in first["cards"]:
+            w(f"  card {c['index']} {c['gpu']} stage {c['stage']} layers {c['layers'][0]}-{c['layers'][1]}: "
+              f"weights {c['weights_gib']:.2f} + KV {c['kv_cache_gib']:.2f} + act {c['activations_gib']:.2f} + "
+              f"overhead {c['overhead_gib']:.2f} = {c['total_gib']:.2f} of {c['capacity_gib']:.2f} GiB"
+              f"{'' if c['fits'] else '  (does not fit)'}\n")
+        w("\n")
+    if first["expert_offload"]:
+        w(f"experts on CPU ({first['format']}): {first['experts_cpu_gib']:.2f} GiB of routed experts "
+          f"({first['cpu_moe_layers']} layers) in CPU RAM\n\n")
     w(f"how {first['format']} is computed:\n")
     for k, v in first["formulas"].items():
         w(f"  {k}: {v}\n")

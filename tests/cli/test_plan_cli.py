@@ -79,3 +79,29 @@ def test_catalog_and_gpus_commands(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0 and doc["ram_total_gib"] > 0
     if not torch.cuda.is_available():
         assert doc["gpus"] == [] and doc["message"] == "no GPU detected"
+
+
+def test_plan_json_with_tensor_and_pipeline_parallel(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "plan", "--model", "llama-3.1-405b", "--gpu", "h100-sxm", "--engine", "vllm",
+                       "--num-gpus", "8", "--nodes", "2", "--formats", "fp8", "--cpu-ram", "64", "--json")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["layout"]["tp"] == 8 and doc["layout"]["pp"] == 2 and doc["layout"]["num_cards"] == 16
+    row = doc["formats"][0]
+    assert len(row["cards"]) == 16 and row["fits"] and row["max_card_gib"] < 79.1 * 0.9
+
+
+def test_plan_refuses_a_tp_size_that_does_not_divide_the_heads(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "plan", "--model", "llama-3.1-70b", "--gpu", "h100-sxm", "--engine", "vllm",
+                       "--tp", "3", "--cpu-ram", "64")
+    assert code == 2 and "64 attention heads" in err and len(err.strip().splitlines()) == 1
+
+
+def test_plan_experts_on_cpu_and_unequal_cards(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "plan", "--model", "qwen3-30b-a3b", "--gpu", "rtx-4090", "--engine", "llama.cpp",
+                       "--formats", "q4_k_m", "--experts-on-cpu", "--cpu-ram", "64", "--json")
+    row = json.loads(out)["formats"][0]
+    assert code == 0 and row["expert_offload"] and row["experts_cpu_gib"] > 15 and row["gpu_used_gib"] < 3
+    code, out, _ = run(capsys, "plan", "--model", "llama-3.1-70b", "--gpu", "rtx-4090,rtx-3090", "--engine",
+                       "llama.cpp", "--formats", "q3_k_m", "--cpu-ram", "64")
+    assert code == 0 and "card 1 rtx-3090 stage 1 layers 40-80" in out

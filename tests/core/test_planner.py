@@ -34,10 +34,13 @@ def test_sliding_window_layers_cap_the_kv_cache() -> None:
     assert gemma.formats[0].kv_cache_gib == pytest.approx(expected / GIB, abs=1e-3)
 
 
-def test_mla_caches_the_compressed_latent() -> None:
-    p = planner.plan("deepseek-r1", "h200", formats=["fp8"], context=4096, num_gpus=8, cpu_ram_gib=64)
-    assert p.formats[0].kv_cache_gib == pytest.approx(61 * (512 + 64) * 4096 * 2 / GIB, abs=1e-3)
-    assert "MLA" in p.formats[0].formulas["kv_cache"]
+def test_mla_caches_the_compressed_latent_replicated_on_every_vllm_rank() -> None:
+    p = planner.plan("deepseek-r1", "h200", formats=["fp8"], context=4096, num_gpus=8, engine="vllm", cpu_ram_gib=64)
+    latent = 61 * (512 + 64) * 4096 * 2 / GIB
+    row = p.formats[0]
+    assert [c["kv_cache_gib"] for c in row.cards] == [pytest.approx(latent, abs=1e-3)] * 8
+    assert row.kv_cache_gib == pytest.approx(8 * latent, abs=1e-3)
+    assert "MLA" in row.formulas["kv_cache"] and any("replicated" in n for n in row.notes)
 
 
 def test_weights_use_format_bits_for_linears_and_16_bit_elsewhere() -> None:
@@ -62,7 +65,11 @@ def test_offload_split_and_decode_speed_by_hand() -> None:
                        cpu_bandwidth_gb_s=50).formats[0]
     assert (row.gpu_layers, row.cpu_layers) == (n, L - n) and 0 < n < L
     assert not row.fits and row.fits_with_offload and row.missing_gib == 0
-    expected_tps = 1 / ((head + n * (layer_w + kv_layer)) / 1000e9 + (L - n) * (layer_w + kv_layer) / 50e9)
+    from core.planner_decode import GPU_BW_EFFICIENCY, KERNEL_OVERHEAD_S_PER_LAYER, STEP_OVERHEAD_S
+
+    expected_tps = 1 / ((head + n * (layer_w + kv_layer)) / (1000e9 * GPU_BW_EFFICIENCY)
+                        + (L - n) * (layer_w + kv_layer) / 50e9
+                        + L * KERNEL_OVERHEAD_S_PER_LAYER["llama.cpp"] + STEP_OVERHEAD_S["llama.cpp"])
     assert row.decode_tokens_per_s == pytest.approx(expected_tps, abs=0.01)
     assert row.cpu_ram_needed_gib == pytest.approx(((L - n) * (layer_w + kv_layer) + V * H * 2) / GIB, abs=1e-3)
 
@@ -93,16 +100,22 @@ def test_fits_flips_with_context() -> None:
 def test_vllm_uses_its_memory_share_and_tensor_parallel_bandwidth() -> None:
     one = planner.plan("llama-3.1-70b", "h100-sxm", formats=["fp8"], engine="vllm", cpu_ram_gib=64)
     two = planner.plan("llama-3.1-70b", "h100-sxm", formats=["fp8"], engine="vllm", num_gpus=2, cpu_ram_gib=64)
-    assert one.formats[0].capacity_gib == pytest.approx(80 * 0.9)
-    assert two.formats[0].capacity_gib == pytest.approx(160 * 0.9) and two.formats[0].fits
+    # planned with what CUDA reports on an H100 80GB (79.1 GiB), not the marketing 80
+    assert one.formats[0].capacity_gib == pytest.approx(79.1 * 0.9)
+    assert two.formats[0].capacity_gib == pytest.approx(2 * 79.1 * 0.9) and two.formats[0].fits
+    assert two.formats[0].tp == 2 and len(two.formats[0].cards) == 2
     assert any("KV blocks" in n for n in two.formats[0].notes)
 
 
 def test_non_native_formats_are_flagged_with_what_happens() -> None:
     row = planner.plan("llama-3.1-8b", "rtx-3090", formats=["fp8"], cpu_ram_gib=64).formats[0]
     assert not row.native and row.runs and "Marlin" in row.support_note
+    # Turing: vLLM runs FP8 checkpoints as weight-only W8A16 (Marlin), the weights stay 1 byte
     t4 = planner.plan("llama-3.1-8b", "t4", formats=["fp8", "bf16"], cpu_ram_gib=64)
-    assert t4.formats[0].weights_gib == pytest.approx(t4.formats[1].weights_gib)  # FP8 upcast to 16-bit
+    assert "Marlin" in t4.formats[0].support_note and t4.formats[0].weights_gib < 0.6 * t4.formats[1].weights_gib
+    v100 = planner.plan("llama-3.1-8b", "v100-32gb", formats=["fp8", "bf16", "int8"], cpu_ram_gib=64)
+    assert v100.formats[0].weights_gib == pytest.approx(v100.formats[1].weights_gib)  # FP8 upcast on Volta
+    assert not v100.formats[2].native and "INT8" in v100.formats[2].support_note  # no INT8 tensor cores
 
 
 def test_exact_bytes_of_a_tiny_folder(tiny_llama_dir: Path) -> None:
