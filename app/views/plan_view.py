@@ -213,8 +213,14 @@ class PlanView(QWidget):
         self._update_chart(rows)
         if rows:
             names = [row["format"] for row in rows]
+            # Re-selecting the row that is already selected emits no selection signal, so the
+            # panel is refreshed explicitly: a new GPU, model or context changes every figure in it.
+            self.table.blockSignals(True)
             self.table.selectRow(names.index(selected) if selected in names else 0)
+            self.table.blockSignals(False)
+            self._selection_changed()
         else:
+            self.offload_format.setText("Select a format in the table")
             self.slider.setRange(0, 0)
             self.offload_text.setText("")
             self.formula.setText("")
@@ -312,15 +318,24 @@ class PlanView(QWidget):
             return
         speed = split.get("decode_tokens_per_s")
         capacity = split.get("capacity_gib", gpu.memory_gib * self.state.num_gpus)
+        short = float(split.get("missing_gib", 0) or 0) > 0
+        if short:
+            # A split that does not fit never runs, so a speed for it would be a made-up number.
+            decode = "Decode: — (this split does not fit)"
+        elif speed:
+            decode = f"Decode ≈ {speed:,.1f} tokens/s (batch 1)"
+        else:
+            decode = "Decode speed: GPU bandwidth unknown"
         lines = [
             f"GPU: {split['gpu_layers']} layers, {split['gpu_used_gib']:.2f} GiB of {capacity:.1f} GiB usable",
             f"CPU: {split['cpu_layers']} layers, {split['cpu_ram_needed_gib']:.2f} GiB of RAM",
-            f"Decode ≈ {speed:,.1f} tokens/s (batch 1)" if speed else "Decode speed: GPU bandwidth unknown",
+            decode,
         ]
         full = next((r for r in self.rows if r["format"] == row["format"]), None)
-        if speed and full and full.get("decode_tokens_per_s") and full["gpu_layers"] != split["gpu_layers"]:
+        if (speed and not short and full and full.get("decode_tokens_per_s")
+                and full["gpu_layers"] != split["gpu_layers"]):
             lines[-1] += f" (planner's split: {full['decode_tokens_per_s']:,.1f} tokens/s)"
-        if split.get("missing_gib", 0) > 0:
+        if short:
             lines.append(f"Does not fit: {split['missing_gib']:.2f} GiB short")
         elif not split.get("fits") and not split.get("fits_with_offload"):
             lines.append("Does not fit with this split")
