@@ -30,17 +30,19 @@ from app import backend
 from app.state import AppState
 from app.theme import ThemeManager, qcolor, style_plot
 
+# Two-line headers: with one-line ones the ten columns outgrow the table at the default window
+# width (1360 px) and the last one, the decode speed, is cut off.
 COLUMNS = [
     ("Format", "format"),
-    ("Bits/weight", "bits_per_weight"),
+    ("Bits/\nweight", "bits_per_weight"),
     ("Weights", "weights_gib"),
     ("KV cache", "kv_cache_gib"),
-    ("Activations", "activations_gib"),
-    ("Overhead", "overhead_gib"),
+    ("Activ-\nations", "activations_gib"),
+    ("Over-\nhead", "overhead_gib"),
     ("Total", "total_gib"),
     ("Fits", "fits"),
-    ("GPU / CPU layers", "layers"),
-    ("Decode tok/s", "decode_tokens_per_s"),
+    ("GPU / CPU\nlayers", "layers"),
+    ("Decode\ntok/s", "decode_tokens_per_s"),
 ]
 PARTS = [("weights_gib", "Weights"), ("kv_cache_gib", "KV cache"), ("activations_gib", "Activations"),
          ("overhead_gib", "Overhead")]
@@ -55,6 +57,7 @@ class PlanView(QWidget):
         self.state = state
         self.theme = theme
         self.rows: list[dict[str, Any]] = []
+        self.split_shown: tuple[str, float, float] | None = None  # (format, GiB on GPU, GiB on CPU)
 
         self.context = QSpinBox()
         self.context.setRange(1, 10_000_000)
@@ -105,17 +108,34 @@ class PlanView(QWidget):
         self.chart.setMouseEnabled(x=False, y=False)
         self.chart.showGrid(y=True, alpha=0.25)
         self.chart.setLabel("left", "GiB")
-        self.chart.addLegend(offset=(-10, 10))
         self.bars: list[pg.BarGraphItem] = []
-        for i, (_key, label) in enumerate(PARTS):
+        for _key, _label in PARTS:
             bar = pg.BarGraphItem(x=[], height=[], width=0.7, y0=[])
             self.chart.addItem(bar)
             self.bars.append(bar)
-            self.chart.getPlotItem().legend.addItem(bar, label)
+        # The selected format is framed, and the slider's split is drawn inside its bar as a
+        # narrow stack: the part on the GPU and the part left in CPU RAM.
+        self.selection_frame = pg.BarGraphItem(x=[], height=[], width=0.86, y0=[])
+        self.split_gpu = pg.BarGraphItem(x=[], height=[], width=0.22, y0=[])
+        self.split_cpu = pg.BarGraphItem(x=[], height=[], width=0.22, y0=[])
+        for item in (self.selection_frame, self.split_gpu, self.split_cpu):
+            self.chart.addItem(item)
         self.gpu_line = pg.InfiniteLine(angle=0, movable=False, label="GPU {value:.1f} GiB",
                                         labelOpts={"position": 0.95, "anchors": [(1, 1), (1, 1)]})
         self.chart.addItem(self.gpu_line)
         self.chart.setMinimumHeight(220)
+        self.chart.getPlotItem().getAxis("bottom").setHeight(44)  # room for two-line names
+        # The legend lives under the plot, not in it: inside the view box it covered the GPU
+        # line's label whenever the card's memory sat near the top of the scale.
+        self.legend = QLabel()
+        self.legend.setObjectName("Muted")
+        self.legend.setWordWrap(True)
+        self.legend.setTextFormat(Qt.TextFormat.RichText)
+        chart_box = QWidget()
+        cl = QVBoxLayout(chart_box)
+        cl.setContentsMargins(0, 0, 0, 0)
+        cl.addWidget(self.chart, 1)
+        cl.addWidget(self.legend)
 
         # Offload panel for the selected format.
         self.offload_format = QLabel("Select a format in the table")
@@ -145,7 +165,7 @@ class PlanView(QWidget):
         ol.addWidget(formula_scroll, 1)
 
         lower = QSplitter(Qt.Orientation.Horizontal)
-        lower.addWidget(self.chart)
+        lower.addWidget(chart_box)
         lower.addWidget(offload)
         lower.setStretchFactor(0, 3)
         lower.setStretchFactor(1, 2)
@@ -220,6 +240,7 @@ class PlanView(QWidget):
             self.table.blockSignals(False)
             self._selection_changed()
         else:
+            self._draw_split(None, None)
             self.offload_format.setText("Select a format in the table")
             self.slider.setRange(0, 0)
             self.offload_text.setText("")
@@ -236,7 +257,7 @@ class PlanView(QWidget):
                 return "yes"
             if row.get("fits_with_offload"):
                 return "with offload"
-            return f"no ({row.get('missing_gib', 0):.1f} GiB short)"
+            return f"no, {row.get('missing_gib', 0):,.0f} GiB short"
         if key == "layers":
             return f"{row.get('gpu_layers', 0)} / {row.get('cpu_layers', 0)}"
         if key == "decode_tokens_per_s":
@@ -264,7 +285,9 @@ class PlanView(QWidget):
             bar.setOpts(x=x, height=heights, y0=list(base), width=0.7)
             base = [b + h for b, h in zip(base, heights)]
         axis = self.chart.getPlotItem().getAxis("bottom")
-        axis.setTicks([[(i, str(r["format"])) for i, r in enumerate(rows)]])
+        # The table's names, broken at the first space: on one line, eleven of them overlap.
+        axis.setTicks([[(i, str(r.get("label") or r["format"]).replace(" ", "\n", 1))
+                        for i, r in enumerate(rows)]])
         gpu = self.state.gpu
         biggest = max(base, default=0.0)
         top = max(biggest * 1.15, 0.05)
@@ -342,10 +365,35 @@ class PlanView(QWidget):
         if split.get("support_note"):
             lines.append(split["support_note"])
         self.offload_text.setText("\n".join(lines))
+        self._draw_split(row, split)
         formulas = dict(row.get("formulas") or {})
         formulas.update(split.get("formulas") or {})
         self.formula.setText("\n".join(f"{k}: {v}" for k, v in formulas.items()))
         self.offload_formulas = formulas
+
+    def _draw_split(self, row: dict[str, Any] | None, split: dict[str, Any] | None) -> None:
+        """Frame the selected format's bar and draw the slider's GPU/CPU split inside it."""
+        if row is None or split is None or row not in self.rows:
+            for item in (self.selection_frame, self.split_gpu, self.split_cpu):
+                item.setOpts(x=[], height=[], y0=[])
+            self.split_shown = None
+            return
+        x = self.rows.index(row)
+        on_gpu = float(split.get("gpu_used_gib", 0.0))
+        on_cpu = float(split.get("cpu_ram_needed_gib", 0.0))
+        self.selection_frame.setOpts(x=[x], height=[float(row["total_gib"])], y0=[0.0])
+        self.split_gpu.setOpts(x=[x], height=[on_gpu], y0=[0.0])
+        self.split_cpu.setOpts(x=[x], height=[on_cpu], y0=[on_gpu])
+        self.split_shown = (str(row["format"]), on_gpu, on_cpu)
+
+    def _legend_html(self) -> str:
+        pal = self.theme.palette
+        swatch = '<span style="color:{c}">■</span> {t}'
+        items = [swatch.format(c=c, t=label) for c, (_k, label) in zip(pal.parts, PARTS)]
+        items += [swatch.format(c=pal.modules["gate"], t="on GPU (slider)"),
+                  swatch.format(c=pal.modules["o"], t="in CPU RAM (slider)"),
+                  f'<span style="color:{pal.modules["o"]}">- -</span> GPU memory']
+        return " &nbsp; ".join(items)
 
     def _restyle(self, *_: object) -> None:
         pal = self.theme.palette
@@ -355,5 +403,9 @@ class PlanView(QWidget):
         self.gpu_line.setPen(pg.mkPen(pal.modules["o"], width=2,
                                       style=Qt.PenStyle.DashLine))
         self.gpu_line.label.setColor(pal.foreground)
+        self.selection_frame.setOpts(brush=pg.mkBrush(0, 0, 0, 0), pen=pg.mkPen(pal.foreground, width=2))
+        self.split_gpu.setOpts(brush=pg.mkBrush(pal.modules["gate"]), pen=pg.mkPen(pal.background, width=1))
+        self.split_cpu.setOpts(brush=pg.mkBrush(pal.modules["o"]), pen=pg.mkPen(pal.background, width=1))
+        self.legend.setText(self._legend_html())
         if self.rows:
             self._show(self.rows)
