@@ -315,6 +315,9 @@ def valid_group_sizes(source: Any, candidates: tuple[int, ...] = (32, 64, 96, 12
 
 # ---------------------------------------------------------------- evaluation
 
+COMPARE_STAGE = "before-after"  # one StageStarted per model evaluated (2 in all)
+
+
 def evaluate_before_after(
     *, original: Path, quantized: Path, text: str = "builtin", seq_len: int = 256, windows: int = 8,
     sink: Sink = null_sink, cancel: CancelToken | None = None,
@@ -336,9 +339,11 @@ def evaluate_before_after_here(
     """`evaluate_before_after` in this process (what its child process runs)."""
     from core.evaluate import evaluate
 
-    sink(StageStarted("evaluate", total=2, message=f"original {Path(original).name}"))
+    # Its own stage name: core.evaluate's windows are stage "evaluate", and the view tells the two
+    # passes from the windows inside each by this.
+    sink(StageStarted(COMPARE_STAGE, total=2, message=f"original {Path(original).name}"))
     before = evaluate(original, text=text, seq_len=seq_len, windows=windows, sink=sink, cancel=cancel)
-    sink(StageStarted("evaluate", total=2, message=f"quantized {Path(quantized).name}"))
+    sink(StageStarted(COMPARE_STAGE, total=2, message=f"quantized {Path(quantized).name}"))
     after = evaluate(quantized, text=text, seq_len=seq_len, windows=windows, reference=original,
                      sink=sink, cancel=cancel)
     ppl0, ppl1 = float(before["perplexity"]), float(after["perplexity"])

@@ -74,6 +74,9 @@ METHOD_ROWS = {
     "llm_int8": ("threshold",),
 }
 LOG_LINES = 2000
+# The bar counts in steps of 1/SUBSTEPS of a linear, so a method's progress inside one linear
+# (GPTQ's column blocks) moves it smoothly without ever passing the linears done.
+SUBSTEPS = 1000
 # Progress bar, stage and ETA labels and new log lines reach the widgets at most this often while
 # a job runs: every widget update is a repaint on the UI thread (QProgressBar.setValue paints at
 # once), and a fast job sends several events per frame.
@@ -96,6 +99,9 @@ class QuantizeView(QWidget):
         self._t0 = 0.0
         self._stage = ""
         self._layers_total = 0
+        self._layers_done = 0
+        self._stage_total = 0
+        self._current_linear = ""
         self._pending_log: list[str] = []
         self._pending_range: tuple[int, int] | None = None  # progress bar (maximum, value); 0 = busy
         self._pending_stage: str | None = None
@@ -394,7 +400,8 @@ class QuantizeView(QWidget):
         self.plot.clear()
         self.log.clear()
         self._t0 = time.monotonic()
-        self._layers_total = 0
+        self._layers_total = self._layers_done = self._stage_total = 0
+        self._stage = self._current_linear = ""
         self.progress.setRange(0, 0)
         self.stage.setText("Starting…")
         self.eta.setText("")
@@ -440,19 +447,21 @@ class QuantizeView(QWidget):
             self.plot.add_point(ev.name, ev.index, ev.metrics, ev.seconds)
             self._layers_total = ev.total
             done = ev.index + 1
-            self._pending_range = (max(ev.total, 1), done)
+            self._layers_done = done
+            self._current_linear = ev.name
+            self._pending_range = (max(ev.total, 1) * SUBSTEPS, done * SUBSTEPS)
             self._pending_stage = f"{self._stage or 'quantize'}: linear {done}/{ev.total} — {ev.name}"
             self._update_eta(done, ev.total)
         elif isinstance(ev, Progress):
-            self._stage = ev.stage
             if ev.total:
-                self._pending_range = (ev.total, ev.done)
-                if ev.stage != "quantize":
-                    self._pending_stage = f"{ev.stage}: {ev.done}/{ev.total} {ev.message}".strip()
+                self._on_progress(ev)
         elif isinstance(ev, StageStarted):
             self._stage = ev.stage
+            self._stage_total = ev.total
+            if ev.stage == "quantize" and ev.total:
+                self._layers_total = ev.total
             self._pending_stage = f"{ev.stage} {ev.message}".strip()
-            self._pending_range = (ev.total, 0) if ev.total else (0, 0)
+            self._pending_range = (ev.total * SUBSTEPS, 0) if ev.total else (0, 0)
             self._queue_log(f"[{ev.stage}] {ev.message}".rstrip())
         elif isinstance(ev, Log):
             self._queue_log(f"{ev.level}: {ev.message}")
@@ -465,7 +474,29 @@ class QuantizeView(QWidget):
         if not self._status_timer.isActive():
             self._status_timer.start()
 
-    def _update_eta(self, done: int, total: int) -> None:
+    def _on_progress(self, ev: Progress) -> None:
+        """A Progress of the stage that is running moves the bar; one from a different stage is
+        a step *inside* the current linear (GPTQ's column blocks): it advances the bar within that
+        linear's share and is named after the linear, so the bar never jumps to 100 % and back."""
+        if ev.stage == self._stage or not self._stage:
+            if ev.stage == "quantize":
+                self._layers_total, self._layers_done = ev.total, ev.done
+            self._pending_range = (ev.total * SUBSTEPS, ev.done * SUBSTEPS)
+            if ev.stage != "quantize":
+                self._pending_stage = f"{ev.stage}: {ev.done}/{ev.total} {ev.message}".strip()
+            return
+        total = self._layers_total
+        if total <= 0:
+            return  # a nested step before the run has said how many linears there are
+        fraction = min(max(ev.done / ev.total, 0.0), 1.0)
+        base = min(self._layers_done, total - 1)
+        self._pending_range = (total * SUBSTEPS, base * SUBSTEPS + int(fraction * (SUBSTEPS - 1)))
+        name = ev.message or self._current_linear
+        self._pending_stage = (f"{self._stage}: linear {base + 1}/{total} — {name} "
+                               f"({ev.stage} {ev.done}/{ev.total} columns)")
+        self._update_eta(base + fraction, total)
+
+    def _update_eta(self, done: float, total: int) -> None:
         elapsed = time.monotonic() - self._t0
         if done <= 0 or total <= 0:
             return
@@ -502,11 +533,18 @@ class QuantizeView(QWidget):
         self.last_result = result
         self.progress.setRange(0, 1)
         self.progress.setValue(1)
-        seconds = getattr(result, "seconds", time.monotonic() - self._t0)
+        wall = time.monotonic() - self._t0
+        seconds = float(getattr(result, "seconds", wall))
         out = getattr(result, "output", None)
-        self.stage.setText(f"Done in {_fmt_seconds(seconds)} → {out}")
+        # Two clocks, both named: the wall time the user waited (job process start-up, imports
+        # and export included) and the engine's own time (read, calibrate, quantize, write).
+        self.stage.setText(f"Done in {_fmt_seconds(wall)} (engine {_fmt_seconds(seconds)}) → {out}")
+        self.stage.setToolTip(f"{_fmt_seconds(wall)}: wall time from Run to the result, including starting the "
+                              f"job process and importing torch/transformers.\n{_fmt_seconds(seconds)}: the "
+                              "engine's own time to read, calibrate, quantize and write the output.")
         self.eta.setText(f"peak RSS {getattr(result, 'peak_rss_gib', float('nan')):.2f} GiB")
-        self._append_log(f"finished: {len(self.plot.points)} linears in {seconds:.1f} s, output {out}")
+        self._append_log(f"finished: {len(self.plot.points)} linears, {wall:.1f} s wall time "
+                         f"({seconds:.1f} s in the engine), output {out}")
         self.status.emit(f"Quantized into {out}")
         self.job_finished.emit(result)
 

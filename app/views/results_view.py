@@ -3,6 +3,7 @@ on a worker thread), the per-layer plot, and saving a report (JSON + PNG + HTML)
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,14 @@ from app.theme import ThemeManager
 from app.views.layer_plot import LayerErrorPlot, LayerPoint
 from app.worker import TaskRunner
 
+EVAL_PASSES = 2  # the original model, then the quantized one
+EVAL_STEPS = 1000
+
+
+def _fmt_seconds(s: float) -> str:
+    s = max(0, int(round(s)))
+    return f"{s} s" if s < 60 else f"{s // 60} min {s % 60:02d} s"
+
 
 class ResultsView(QWidget):
     error = Signal(str, str)
@@ -45,6 +54,9 @@ class ResultsView(QWidget):
         self.result: Any = None
         self.evaluation: dict[str, Any] | None = None
         self.runner = TaskRunner(self)
+        self._eval_t0 = 0.0
+        self._eval_pass = -1  # 0: the original model, 1: the quantized one
+        self._eval_pass_name = ""
 
         self.summary = QLabel("Run a quantization to see its results here.")
         self.summary.setWordWrap(True)
@@ -161,7 +173,8 @@ class ResultsView(QWidget):
         lines = [
             f"<b>{getattr(result, 'method', '?')}</b> → {out}",
             f"Export: {getattr(result, 'export', '?')}",
-            f"{len(points)} linears in {getattr(result, 'seconds', 0.0):.1f} s, "
+            f"{len(points)} linears, {getattr(result, 'seconds', 0.0):.1f} s in the engine "
+            "(read, calibrate, quantize, write), "
             f"peak RSS {getattr(result, 'peak_rss_gib', math.nan):.2f} GiB",
         ]
         src, dst = getattr(result, "source_gib", 0.0), getattr(result, "output_gib", 0.0)
@@ -188,7 +201,10 @@ class ResultsView(QWidget):
         if self.job is None or self.result is None:
             self.error.emit("Nothing to evaluate", "Run a quantization first.")
             return False
+        self._eval_t0 = time.monotonic()
+        self._eval_pass, self._eval_pass_name = -1, ""
         self.eval_progress.setRange(0, 0)
+        self.eval_progress.setFormat("starting the evaluation…")
         self.runner.start(backend.evaluate_before_after, original=Path(self.job.model),
                           quantized=Path(self.result.output), seq_len=self.seq_len.value(),
                           windows=self.windows.value())
@@ -253,18 +269,40 @@ class ResultsView(QWidget):
 
     @Slot(object)
     def _on_event(self, ev: object) -> None:
-        if isinstance(ev, Progress) and ev.total:
-            self.eval_progress.setRange(0, ev.total)
-            self.eval_progress.setValue(ev.done)
+        """One bar for the whole evaluation: two passes (original, quantized) of equal share, each
+        loading its model(s) and then running its windows; the ETA follows the windows done."""
+        if isinstance(ev, StageStarted) and ev.stage == backend.COMPARE_STAGE:
+            self._eval_pass = min(self._eval_pass + 1, EVAL_PASSES - 1)
+            self._eval_pass_name = ev.message
+            self._show_eval_progress(0.0, "starting")
+        elif isinstance(ev, StageStarted) and ev.stage == "load":
+            self._show_eval_progress(0.0, "loading the model" if "reference" not in ev.message
+                                     else "loading the reference")
         elif isinstance(ev, StageStarted) and ev.message:
-            self.eval_progress.setFormat(f"{ev.message} %p%")
+            self._show_eval_progress(0.0, ev.message)
+        elif isinstance(ev, Progress) and ev.total:
+            self._show_eval_progress(ev.done / ev.total, ev.message or f"{ev.done}/{ev.total}")
+
+    def _show_eval_progress(self, fraction: float, what: str) -> None:
+        step = max(self._eval_pass, 0)
+        overall = (step + min(max(fraction, 0.0), 1.0)) / EVAL_PASSES
+        self.eval_progress.setRange(0, EVAL_STEPS)
+        self.eval_progress.setValue(int(overall * EVAL_STEPS))
+        elapsed = time.monotonic() - self._eval_t0
+        eta = ""
+        if fraction > 0 and overall > 0:
+            eta = f" · ETA {_fmt_seconds(elapsed / overall * (1.0 - overall))}"
+        name = self._eval_pass_name or "evaluation"
+        text = f"{name} ({step + 1} of {EVAL_PASSES}): {what} — %p%{eta}"
+        self.eval_progress.setFormat(text.replace("%", "%%").replace("%%p%%", "%p%"))
 
     @Slot(object)
     def _on_evaluated(self, ev: dict[str, Any]) -> None:
         self.evaluation = ev
         self.eval_progress.setRange(0, 1)
         self.eval_progress.setValue(1)
-        self.eval_progress.setFormat("done")
+        wall = time.monotonic() - self._eval_t0
+        self.eval_progress.setFormat(f"done in {_fmt_seconds(wall)}")
         self.ppl_before.setText(f"{ev['perplexity_before']:.3f}")
         self.ppl_after.setText(f"{ev['perplexity_after']:.3f}")
         change = ev.get("perplexity_change_pct")
