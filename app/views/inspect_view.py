@@ -188,15 +188,33 @@ class InspectView(QWidget):
         self.heat_image.clear()
         self.overview_runner.cancel()
         self.detail_runner.cancel()
+        # Nothing of the previous model may stay on screen under the new one's name.
+        self.hist_curve.setData([], [])
+        self.w_curve.setData([], [])
+        self.a_curve.setData([], [])
+        self.threshold_line.setVisible(False)
+        self.stats.setText("")
+        self.smooth.setText("")
+        self.overview_progress.setValue(0)
+        self.heat.setTitle("")
         if choice is None or not choice.has_weights:
             self.title.setText("Inspection needs a model folder with weights" if choice else "Choose a linear")
+            self.heat.setTitle(self.title.text() if choice else "", size="9pt")
             return
         for name in backend.linear_weight_names(choice.source):
             item = QListWidgetItem(name[: -len(".weight")])
             self.linears.addItem(item)
+        if not self.linears.count():
+            self.title.setText("No decoder linears found in this folder")
+            self.heat.setTitle("No decoder linears found: nothing to inspect", size="9pt")
+            return
+        if choice.is_quantized:
+            # Quantized folders are inspected through their exporter's dequantization: the
+            # statistics are those of the weights the model really computes with.
+            self.heat.setTitle("dequantized weights", size="9pt")
+        self.title.setText("Choose a linear")
         self.overview_runner.start(backend.weight_overview, source=choice.source)
-        if self.linears.count():
-            self.linears.setCurrentRow(0)
+        self.linears.setCurrentRow(0)
 
     # ------------------------------------------------------------ overview heatmap
     @Slot(object)

@@ -108,6 +108,9 @@ class PlanView(QWidget):
         self.chart.setMouseEnabled(x=False, y=False)
         self.chart.showGrid(y=True, alpha=0.25)
         self.chart.setLabel("left", "GiB")
+        # Sizes are always GiB: pyqtgraph's automatic SI prefix turned a small quantized model's
+        # axis into "GiB (x0.001)".
+        self.chart.getPlotItem().getAxis("left").enableAutoSIPrefix(False)
         self.bars: list[pg.BarGraphItem] = []
         for _key, _label in PARTS:
             bar = pg.BarGraphItem(x=[], height=[], width=0.7, y0=[])
@@ -270,7 +273,7 @@ class PlanView(QWidget):
         formulas = row.get("formulas") or {}
         part = {"weights_gib": "weights", "kv_cache_gib": "kv_cache", "activations_gib": "activations",
                 "overhead_gib": "overhead", "total_gib": "total", "decode_tokens_per_s": "decode",
-                "layers": "offload", "fits": "offload"}.get(key)
+                "layers": "offload", "fits": "offload", "bits_per_weight": "bits_per_weight"}.get(key)
         text = formulas.get(part, "") if part else ""
         notes = [row.get("support_note") or ""] if key == "format" else []
         if key == "format":
