@@ -32,6 +32,13 @@ def _optional(module: str) -> Any | None:
 
 # ---------------------------------------------------------------- models
 
+def supported_architectures() -> tuple[str, ...]:
+    """Architectures the engine quantizes (Plan and Inspect read any)."""
+    from core.model_io import SUPPORTED_ARCHITECTURES
+
+    return tuple(SUPPORTED_ARCHITECTURES)
+
+
 def open_model(path: str | Path) -> Any:
     """Headers only. Unsupported architectures open too: planning and inspection work for them,
     quantizing checks support itself."""

@@ -227,6 +227,8 @@ class QuantizeView(QWidget):
         of.addRow("Folder", out_row)
         of.addRow("Format", self.export)
         of.addRow("", self.overwrite)
+        self.out_dir.textChanged.connect(self._update_run_state)
+        self.overwrite.toggled.connect(self._update_run_state)
 
         self.memory = QLabel()
         self.memory.setWordWrap(True)
@@ -269,6 +271,12 @@ class QuantizeView(QWidget):
         self.eta = LiveText("", sample="elapsed 00 min 00 s · ETA 00 min 00 s")
         self.eta.setAlignment(Qt.AlignmentFlag.AlignRight)
         self.eta.setObjectName("Muted")
+        # Why Run is disabled, checked when the model, the settings or the output folder change,
+        # instead of a failure seconds after Run (DESIGN: validate where the input is chosen).
+        self.run_blocked = QLabel()
+        self.run_blocked.setObjectName("Error")
+        self.run_blocked.setWordWrap(True)
+        self.run_blocked.setVisible(False)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
@@ -291,6 +299,7 @@ class QuantizeView(QWidget):
         rl = QVBoxLayout(right)
         rl.setContentsMargins(4, 0, 0, 0)
         rl.addLayout(buttons)
+        rl.addWidget(self.run_blocked)
         rl.addLayout(info)
         rl.addWidget(right_split, 1)
 
@@ -387,6 +396,10 @@ class QuantizeView(QWidget):
     # ------------------------------------------------------------ run
     def run(self) -> bool:
         if self.runner.running:
+            return False
+        reason = self.run_blocker()
+        if reason:
+            self.error.emit("Cannot start", reason)
             return False
         try:
             job = self.build_job()
@@ -556,7 +569,19 @@ class QuantizeView(QWidget):
         self.progress.setValue(0)
         self.stage.setText("Failed")
         self._append_log(f"error: {exc}")
-        self.error.emit("Quantization failed", str(exc) or type(exc).__name__)
+        self.error.emit("Quantization failed", self.gui_words(str(exc) or type(exc).__name__))
+        self._update_run_state()
+
+    def gui_words(self, message: str) -> str:
+        """A core message names CLI flags; here the same advice names this window's controls."""
+        for flag, words in ((" pass --overwrite", f" tick “{self.overwrite.text()}”"),
+                            ("--overwrite", f"“{self.overwrite.text()}”"), ("another --out", "another output folder"),
+                            ("--out", "the output folder"), ("another --method", "another method"),
+                            ("another --export", "another output format"), ("--export", "the output format"),
+                            ("--group-size", "the group size"), ("--bits", "the bits"), ("--samples", "the samples"),
+                            ("--seq-len", "the sequence length"), ("--calib", "the calibration source")):
+            message = message.replace(flag, words)
+        return message
 
     @Slot()
     def _on_cancelled(self) -> None:
@@ -571,7 +596,9 @@ class QuantizeView(QWidget):
 
     @Slot(bool)
     def _running_changed(self, running: bool) -> None:
-        self.run_button.setEnabled(not running)
+        # A job that just finished has created its output folder: Run is blocked until the
+        # overwrite box is ticked or another folder chosen, and the panel says so.
+        self._update_run_state()
         self.cancel_button.setEnabled(running)
         self.method.setEnabled(not running)
 
@@ -635,11 +662,53 @@ class QuantizeView(QWidget):
         except ValueError as exc:
             self.memory.setText(f"⚠ {exc}")
             self.export.clear()
-            self.run_button.setEnabled(False)
+            self._update_run_state()
             return
-        self.run_button.setEnabled(not self.runner.running)
         self._refresh_exports(config)
         self._refresh_memory(config)
+        self._update_run_state()
+
+    def run_blocker(self) -> str:
+        """Why Run cannot start with what is chosen now, in the words of this window; "" when it can."""
+        model = self.state.model
+        if model is None:
+            return "Open a model folder to quantize (File ▸ Open, or drop a folder on the window)."
+        if model.path is None:
+            return f"{model.label} is a catalog entry (config only): it can be planned, not quantized. Open its model folder."
+        if not model.has_weights:
+            return f"{model.path.name} has no safetensors weights: quantizing needs them."
+        if model.is_quantized:
+            return (f"{model.path.name} is already quantized. Open the original model folder to quantize "
+                    "it again; this one can be planned, inspected and evaluated.")
+        if not getattr(model.source, "supported", True):
+            arch = getattr(model.source, "architecture", "?")
+            return (f"The {arch} architecture cannot be quantized yet (supported: "
+                    f"{', '.join(backend.supported_architectures())}). Plan and Inspect still work.")
+        try:
+            self.build_method_config()
+        except ValueError as exc:
+            return f"Method settings: {exc}"
+        out = self.out_dir.text().strip()
+        if not out:
+            return "Choose an output folder."
+        out_path = Path(out).expanduser()
+        if out_path.resolve() == model.path.resolve():
+            return "The output folder must differ from the model folder."
+        if out_path.exists() and not out_path.is_dir():
+            return f"{out_path} is a file; choose a folder for the output."
+        if not out_path.exists() and not out_path.parent.is_dir():
+            return f"The folder {out_path.parent} does not exist: create it or choose another output folder."
+        if out_path.exists() and not self.overwrite.isChecked():
+            return (f"The output folder {out_path.name} already exists: tick “{self.overwrite.text()}” "
+                    "or choose another folder.")
+        return ""
+
+    def _update_run_state(self, *_: object) -> None:
+        reason = self.run_blocker()
+        self.run_blocked.setText(reason if self.state.model is not None else "")
+        self.run_blocked.setVisible(bool(reason) and self.state.model is not None)
+        self.run_button.setEnabled(not self.runner.running and not reason)
+        self.run_button.setToolTip(reason or "Start quantizing (Ctrl+R)")
 
     def _refresh_exports(self, config: Any) -> None:
         current = self.export.currentData()
