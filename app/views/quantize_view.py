@@ -96,6 +96,7 @@ class QuantizeView(QWidget):
         self.runner = TaskRunner(self)
         self.last_job: QuantJob | None = None
         self.last_result: Any = None
+        self._proposed_out = ""  # the output folder this view last filled in itself
         self._t0 = 0.0
         self._stage = ""
         self._layers_total = 0
@@ -189,6 +190,12 @@ class QuantizeView(QWidget):
         self.group_note.setWordWrap(True)
         self.settings_form.insertRow(self.settings_form.getWidgetPosition(self.group_size)[0] + 1, "", self.group_note)
         self.settings_form.setRowVisible(self.group_note, False)
+        # Right under the method, not below the fold: why these settings cannot run.
+        self.settings_error = QLabel("")
+        self.settings_error.setObjectName("Error")
+        self.settings_error.setWordWrap(True)
+        self.settings_form.insertRow(1, "", self.settings_error)
+        self.settings_form.setRowVisible(self.settings_error, False)
 
         # ---------------- calibration
         self.calib_source = QComboBox()
@@ -277,6 +284,8 @@ class QuantizeView(QWidget):
         self.run_blocked.setObjectName("Error")
         self.run_blocked.setWordWrap(True)
         self.run_blocked.setVisible(False)
+        self._paint_errors()
+        theme.changed.connect(self._paint_errors)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
@@ -615,7 +624,32 @@ class QuantizeView(QWidget):
         if m == "awq":
             self.sym.setCurrentIndex(1)  # AWQ's usual layout is asymmetric with zero points
         self.calib_box.setVisible(m in CALIBRATED_METHODS)
+        self._refresh_default_out()
         self._settings_changed()
+
+    def _paint_errors(self, *_: object) -> None:
+        # The style sheets have no error colour; the theme's red, as the Results tab does.
+        colour = self.theme.palette.modules["o"]
+        for label in (self.settings_error, self.run_blocked):
+            label.setStyleSheet(f"color: {colour}; font-weight: 600;")
+
+    def default_out(self) -> str:
+        """`<model folder>-<method>` beside the model folder ("" without a local model)."""
+        model = self.state.model
+        if model is None or model.path is None:
+            return ""
+        return str(model.path.parent / f"{model.path.name}-{self.method_key()}")
+
+    def _refresh_default_out(self) -> None:
+        """Follow the model and the method while the folder is the one this view proposed; a
+        folder the user typed or browsed to is theirs and stays."""
+        text = self.out_dir.text().strip()
+        if text and text != self._proposed_out:
+            return
+        proposed = self.default_out()
+        if proposed:
+            self._proposed_out = proposed
+            self.out_dir.setText(proposed)
 
     def _calib_source_changed(self) -> None:
         is_file = self.calib_source.currentData() == "file"
@@ -627,8 +661,7 @@ class QuantizeView(QWidget):
         self._settings_changed()
 
     def _model_changed(self, choice: ModelChoice | None) -> None:
-        if choice is not None and choice.path is not None and not self.out_dir.text():
-            self.out_dir.setText(str(choice.path.parent / f"{choice.path.name}-{self.method_key()}"))
+        self._refresh_default_out()
         if choice is not None and choice.has_weights:
             self._offer_group_sizes(backend.valid_group_sizes(choice.source))
         self._settings_changed()
@@ -660,10 +693,22 @@ class QuantizeView(QWidget):
         try:
             config = self.build_method_config()
         except ValueError as exc:
-            self.memory.setText(f"⚠ {exc}")
+            # Nothing derived from the last valid settings may stay: the ragged note described
+            # another group size, and an empty Format box looked like a bug.
+            self.settings_error.setText(f"⚠ {exc}")
+            self.settings_form.setRowVisible(self.settings_error, True)
+            self.group_note.setText("")
+            self.group_size.setToolTip("")
+            self.settings_form.setRowVisible(self.group_note, False)
+            self.memory.setText("")
             self.export.clear()
+            self.export.addItem("— fix the settings above —", None)
+            self.export.setEnabled(False)
             self._update_run_state()
             return
+        self.settings_error.setText("")
+        self.settings_form.setRowVisible(self.settings_error, False)
+        self.export.setEnabled(True)
         self._refresh_exports(config)
         self._refresh_memory(config)
         self._update_run_state()
