@@ -23,7 +23,7 @@ from app import backend
 from app.gpu_picker import GpuPicker
 from app.model_picker import ModelPicker
 from app.resources import icon
-from app.settings import AppSettings
+from app.settings import AppSettings, apply_widget_values, widget_values
 from app.state import AppState, ModelChoice
 from app.status import MemoryStatusBar
 from app.theme import ThemeManager
@@ -113,6 +113,7 @@ class MainWindow(QMainWindow):
         if state is not None:
             self.restoreState(state)
         self.apply_theme(self.settings.theme())
+        self.restore_controls()
 
     # ------------------------------------------------------------ menus
     def _build_menus(self) -> None:
@@ -302,6 +303,32 @@ class MainWindow(QMainWindow):
         self.status.show_message(f"{title}: {message.splitlines()[0] if message else ''}")
         QMessageBox.critical(self, title, message)
 
+    # ------------------------------------------------------------ remembered controls
+    def persisted_controls(self) -> dict[str, dict[str, QWidget]]:
+        """The controls whose values survive a restart, by settings group."""
+        g, p, q = self.gpu_picker, self.plan_view, self.quantize_view
+        return {
+            "gpu": {"gpu": g.combo, "count": g.count, "custom_memory": g.custom_memory,
+                    "custom_bandwidth": g.custom_bandwidth},
+            "plan": {"context": p.context, "batch": p.batch, "kv_dtype": p.kv_dtype, "engine": p.engine},
+            # The method first: choosing it resets method-specific defaults (AWQ's zero point).
+            "quantize": {"method": q.method, "bits": q.bits, "granularity": q.granularity,
+                         "group_size": q.group_size, "sym": q.sym, "clip": q.clip, "damp": q.damp,
+                         "act_order": q.act_order, "grid": q.grid, "awq_clip": q.awq_clip,
+                         "blocksize": q.blocksize, "double_quant": q.double_quant, "fp8_fmt": q.fp8_fmt,
+                         "fp8_granularity": q.fp8_granularity, "alpha": q.alpha, "alpha_auto": q.alpha_auto,
+                         "act_scheme": q.act_scheme, "threshold": q.threshold, "samples": q.samples,
+                         "seq_len": q.seq_len},
+        }
+
+    def save_controls(self) -> None:
+        for name, widgets in self.persisted_controls().items():
+            self.settings.set_group(name, widget_values(widgets))
+
+    def restore_controls(self) -> None:
+        for name, widgets in self.persisted_controls().items():
+            apply_widget_values(widgets, self.settings.group(name))
+
     # ------------------------------------------------------------ shutdown
     def runners(self) -> list[TaskRunner]:
         return [self.demo_runner, *self.quantize_view.runners(), *self.inspect_view.runners(),
@@ -315,4 +342,5 @@ class MainWindow(QMainWindow):
             runner.shutdown()
         self.status.timer.stop()
         self.settings.save_window(self.saveGeometry(), self.saveState())
+        self.save_controls()
         super().closeEvent(event)

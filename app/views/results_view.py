@@ -57,6 +57,7 @@ class ResultsView(QWidget):
         self._eval_t0 = 0.0
         self._eval_pass = -1  # 0: the original model, 1: the quantized one
         self._eval_pass_name = ""
+        self.verification: dict[str, Any] | None = None  # the export check's outcome, for the report
 
         self.summary = QLabel("Run a quantization to see its results here.")
         self.summary.setWordWrap(True)
@@ -189,6 +190,7 @@ class ResultsView(QWidget):
             lab.setText("—")
         self.eval_button.setEnabled(out is not None)
         self.verify_report = None
+        self.verification = None
         self._set_verify_state("", "Not verified yet.")
         self.verify_button.setEnabled(out is not None and not self.verify_runner.running)
         self.save_button.setEnabled(True)
@@ -223,6 +225,7 @@ class ResultsView(QWidget):
             self.error.emit("Nothing to verify", "Run a quantization first; the check loads the folder it wrote.")
             return False
         self.verify_report = None
+        self.verification = None
         self._set_verify_state("", f"Verifying {out.name}: loading it with its consumer…")
         self.verify_runner.start(backend.verify_export, path=out)
         self.status.emit(f"Verifying the export in {out}…")
@@ -240,6 +243,8 @@ class ResultsView(QWidget):
     @Slot(object)
     def _on_verified(self, report: Any) -> None:
         self.verify_report = report
+        self.verification = {"status": "ok" if report.ok else "mismatch", "output": str(self.output_path()),
+                             **report.to_dict()}
         verdict = "OK" if report.ok else "MISMATCH"
         text = (f"{verdict} — loaded with {report.loader}<br>"
                 f"max logit difference {report.max_logit_diff:.3g} (relative {report.rel_logit_diff:.3g}, "
@@ -255,6 +260,7 @@ class ResultsView(QWidget):
     def _on_verify_failed(self, exc: object, _tb: str) -> None:
         kind = "MISMATCH" if backend.is_verify_mismatch(exc) else "ERROR"
         msg = str(exc) or type(exc).__name__
+        self.verification = {"status": kind.lower(), "output": str(self.output_path()), "message": msg}
         self._set_verify_state("error", f"{kind} — {msg}")
         self.status.emit(f"Export verification: {kind}")
         self.error.emit("Export verification failed", msg)
@@ -332,7 +338,8 @@ class ResultsView(QWidget):
 
     # ------------------------------------------------------------ saving
     def report(self) -> dict[str, Any]:
-        return build_report(self.job, self.result, [p.to_json() for p in self.plot.points], self.evaluation)
+        return build_report(self.job, self.result, [p.to_json() for p in self.plot.points], self.evaluation,
+                            self.verification)
 
     def save_report(self, folder: Path) -> dict[str, Path] | None:
         if self.job is None:
