@@ -29,6 +29,7 @@ from PySide6.QtWidgets import (
 from core.events import Progress, StageStarted
 
 from app import backend
+from app.help_text import TERMS
 from app.state import AppState, ModelChoice
 from app.theme import ThemeManager, style_plot
 from app.views.layer_plot import MODULE_TYPES, layer_number, module_type
@@ -101,18 +102,18 @@ class InspectView(QWidget):
         self.title = QLabel("Choose a linear")
         self.title.setObjectName("Heading")
         self.calibrate = QCheckBox("with calibration (activations)")
-        self.calibrate.setToolTip("Run calibration text through the model to measure per-channel activation absmax")
+        self.calibrate.setToolTip(TERMS["calibrate"])
         self.calibrate.toggled.connect(self._reload_detail)
         self.threshold = QDoubleSpinBox()
         self.threshold.setRange(0.1, 1000.0)
         self.threshold.setValue(6.0)
-        self.threshold.setToolTip("LLM.int8() outlier threshold on |activation|")
+        self.threshold.setToolTip(TERMS["threshold"])
         self.threshold.valueChanged.connect(self._threshold_changed)
         self.alpha = QDoubleSpinBox()
         self.alpha.setRange(0.0, 1.0)
         self.alpha.setSingleStep(0.05)
         self.alpha.setValue(0.5)
-        self.alpha.setToolTip("SmoothQuant migration strength α")
+        self.alpha.setToolTip(TERMS["alpha"])
         self.alpha.valueChanged.connect(self._reload_if_calibrated)
         controls = QHBoxLayout()
         controls.addWidget(self.title, 1)

@@ -27,6 +27,7 @@ from PySide6.QtWidgets import (
 )
 
 from app import backend
+from app.help_text import TERMS
 from app.state import AppState
 from app.theme import ThemeManager, qcolor, style_plot
 
@@ -64,7 +65,7 @@ class PlanView(QWidget):
         self.context.setSingleStep(1024)
         self.context.setValue(4096)
         self.context.setSuffix(" tokens")
-        self.context.setToolTip("Context length the KV cache must hold (per sequence)")
+        self.context.setToolTip(TERMS["context"])
         self.context_preset = QComboBox()
         for n in CONTEXT_PRESETS:
             self.context_preset.addItem(f"{n // 1024}k" if n >= 1024 else str(n), n)
@@ -72,15 +73,15 @@ class PlanView(QWidget):
         self.context_preset.activated.connect(lambda i: self.context.setValue(self.context_preset.itemData(i)))
         self.batch = QSpinBox()
         self.batch.setRange(1, 4096)
-        self.batch.setToolTip("Concurrent sequences (each has its own KV cache)")
+        self.batch.setToolTip(TERMS["batch"])
         self.kv_dtype = QComboBox()
         for name in backend.KV_DTYPES:
             self.kv_dtype.addItem(name)
-        self.kv_dtype.setToolTip("Element type of the KV cache")
+        self.kv_dtype.setToolTip(TERMS["kv_dtype"])
         self.engine = QComboBox()
         for key, label in backend.engine_profiles():
             self.engine.addItem(label, key)
-        self.engine.setToolTip("Inference engine profile: decides runtime overhead (CUDA context, vLLM's reserved pool, …)")
+        self.engine.setToolTip(TERMS["engine"])
 
         controls = QHBoxLayout()
         for label, widget in (("Context", self.context), ("", self.context_preset), ("Batch", self.batch),

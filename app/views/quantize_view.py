@@ -45,6 +45,7 @@ from core.config import (
 from core.events import Finished, LayerDone, Log, MemorySample, Progress, StageStarted
 
 from app import backend
+from app.help_text import TERMS, tip
 from app.resources import icon
 from app.state import AppState, ModelChoice
 from app.theme import ThemeManager
@@ -185,6 +186,9 @@ class QuantizeView(QWidget):
         ):
             self.settings_form.addRow(label, widget)
             self._rows[key] = widget
+        for key, widget in self._rows.items():
+            if key in TERMS:
+                (self.alpha if key == "alpha" else widget).setToolTip(TERMS[key])
         # Below the group size: shown when it leaves a ragged last group in the open model.
         self.group_note = QLabel("")
         self.group_note.setWordWrap(True)
@@ -216,6 +220,8 @@ class QuantizeView(QWidget):
         cf.addRow("Samples", self.samples)
         cf.addRow("Sequence length", self.seq_len)
         self.calib_source.currentIndexChanged.connect(self._calib_source_changed)
+        for key in ("samples", "seq_len", "calib_source"):
+            getattr(self, key).setToolTip(TERMS[key])
 
         # ---------------- output
         self.out_dir = QLineEdit()
@@ -698,7 +704,7 @@ class QuantizeView(QWidget):
             self.settings_error.setText(f"⚠ {exc}")
             self.settings_form.setRowVisible(self.settings_error, True)
             self.group_note.setText("")
-            self.group_size.setToolTip("")
+            self.group_size.setToolTip(tip("group_size"))
             self.settings_form.setRowVisible(self.group_note, False)
             self.memory.setText("")
             self.export.clear()
@@ -763,7 +769,7 @@ class QuantizeView(QWidget):
         default = backend.default_export_for(config, source)
         note = backend.ragged_group_note(source, config) if source is not None else ""
         self.group_note.setText(note)
-        self.group_size.setToolTip(note)
+        self.group_size.setToolTip(tip("group_size", note))
         self.settings_form.setRowVisible(self.group_note, bool(note))
         self.export.blockSignals(True)
         self.export.clear()

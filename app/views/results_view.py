@@ -26,6 +26,7 @@ from PySide6.QtWidgets import (
 from core.events import Progress, StageStarted
 
 from app import backend
+from app.help_text import TERMS
 from app.report import build_report, write_report
 from app.resources import icon
 from app.state import AppState
@@ -69,6 +70,8 @@ class ResultsView(QWidget):
         self.windows = QSpinBox()
         self.windows.setRange(1, 1024)
         self.windows.setValue(8)
+        self.windows.setToolTip(TERMS["windows"])
+        self.seq_len.setToolTip(TERMS["eval_seq_len"])
         self.auto = QCheckBox("evaluate automatically after each job")
         self.auto.setChecked(True)
         self.eval_button = QPushButton(icon("run"), "Evaluate before / after")
