@@ -631,3 +631,28 @@ def offload_split(source: Any, gpu: GpuOption, fmt: str, gpu_layers: int, *, num
     row = planner.plan_offload(model_spec(source), gpu.spec, format=fmt, gpu_layers=gpu_layers, context=context,
                                batch=batch, kv_dtype=kv_dtype, engine=engine, num_gpus=num_gpus)
     return row.to_json()
+
+
+# ---------------------------------------------------------------- plan → quantize
+
+def plan_format_settings(fmt_name: str) -> dict[str, Any] | None:
+    """Quantize-tab settings that produce a Plan row's format, or None when the tab cannot write
+    it (16/32-bit rows, GGUF files, microscaling FP4/FP6). Weight-only integer rows use GPTQ, the
+    calibrated method that measures best at the same size; W8A8 int8 uses SmoothQuant."""
+    from core.formats import Kind, get_format
+
+    try:
+        fmt = get_format(fmt_name)
+    except (KeyError, ValueError):
+        return None
+    if fmt.kind is Kind.INT and fmt.weight_only:
+        return {"method": "gptq", "bits": int(fmt.bits), "group_size": fmt.group_size,
+                "sym": fmt.zero_bits == 0, "label": fmt.label}
+    if fmt.kind is Kind.INT:
+        return {"method": "smoothquant", "bits": int(fmt.bits), "label": fmt.label}
+    if fmt.kind is Kind.FP8:
+        return {"method": "fp8", "label": fmt.label}
+    if fmt.kind is Kind.NF:
+        return {"method": "nf4", "double_quant": fmt.name.endswith("_dq"), "blocksize": fmt.group_size,
+                "label": fmt.label}
+    return None

@@ -100,6 +100,7 @@ class MainWindow(QMainWindow):
         self.results_view.error.connect(self.show_error)
         self.inspect_view.error.connect(self.show_error)
         self.plan_view.error.connect(self.show_error)
+        self.plan_view.quantize_requested.connect(self.quantize_plan_format)
         for view in (self.quantize_view, self.inspect_view, self.results_view):
             view.status.connect(self.status.show_message)
 
@@ -277,6 +278,12 @@ class MainWindow(QMainWindow):
     def _on_job_finished(self, result: object) -> None:
         self.results_view.set_job(self.quantize_view.last_job, result, self.quantize_view.layer_points())
         self.tabs.setCurrentWidget(self.results_view)
+
+    @Slot(str)
+    def quantize_plan_format(self, fmt_name: str) -> None:
+        """Plan → Quantize in one click: the row's format becomes the Quantize tab's settings."""
+        if self.quantize_view.apply_plan_format(fmt_name):
+            self.tabs.setCurrentWidget(self.quantize_view)
 
     def export_report(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Save the report into a folder")

@@ -16,6 +16,7 @@ from PySide6.QtWidgets import (
     QHBoxLayout,
     QHeaderView,
     QLabel,
+    QPushButton,
     QScrollArea,
     QSlider,
     QSpinBox,
@@ -52,6 +53,7 @@ CONTEXT_PRESETS = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
 
 class PlanView(QWidget):
     error = Signal(str, str)
+    quantize_requested = Signal(str)  # format name of the selected row
 
     def __init__(self, state: AppState, theme: ThemeManager, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -157,7 +159,13 @@ class PlanView(QWidget):
         self.formula.setAlignment(Qt.AlignmentFlag.AlignTop | Qt.AlignmentFlag.AlignLeft)
         offload = QGroupBox("Offload and formulas")
         ol = QVBoxLayout(offload)
-        ol.addWidget(self.offload_format)
+        self.quantize_button = QPushButton("Quantize to this")
+        self.quantize_button.setEnabled(False)
+        self.quantize_button.clicked.connect(self._quantize_selected)
+        head = QHBoxLayout()
+        head.addWidget(self.offload_format, 1)
+        head.addWidget(self.quantize_button)
+        ol.addLayout(head)
         ol.addWidget(QLabel("GPU layers"))
         ol.addWidget(self.slider)
         ol.addWidget(self.offload_text)
@@ -326,6 +334,7 @@ class PlanView(QWidget):
             return
         layers = int(row.get("gpu_layers", 0)) + int(row.get("cpu_layers", 0))
         self.offload_format.setText(str(row.get("label") or row["format"]))
+        self._update_quantize_button(row)
         self.slider.blockSignals(True)
         self.slider.setRange(0, layers)
         self.slider.setValue(int(row.get("gpu_layers", 0)))
@@ -374,6 +383,24 @@ class PlanView(QWidget):
         formulas.update(split.get("formulas") or {})
         self.formula.setText("\n".join(f"{k}: {v}" for k, v in formulas.items()))
         self.offload_formulas = formulas
+
+    def _update_quantize_button(self, row: dict[str, Any]) -> None:
+        model = self.state.model
+        settings = backend.plan_format_settings(str(row["format"]))
+        if settings is None:
+            why = f"{row.get('label') or row['format']} is not written by the Quantize tab (16-bit, GGUF or FP4/FP6)."
+        elif model is None or not model.has_weights or model.is_quantized:
+            why = "Open the model's own folder (with weights, not quantized) to quantize it."
+        else:
+            why = ""
+        self.quantize_button.setEnabled(not why)
+        self.quantize_button.setToolTip(why or f"Set up the Quantize tab for {settings['label']} "
+                                               f"({settings['method']}) and open it")
+
+    def _quantize_selected(self) -> None:
+        name = self.selected_format()
+        if name is not None:
+            self.quantize_requested.emit(name)
 
     def _draw_split(self, row: dict[str, Any] | None, split: dict[str, Any] | None) -> None:
         """Frame the selected format's bar and draw the slider's GPU/CPU split inside it."""

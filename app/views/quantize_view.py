@@ -622,6 +622,33 @@ class QuantizeView(QWidget):
         self._flush_status()
 
     # ------------------------------------------------------------ form updates
+    def apply_plan_format(self, fmt_name: str) -> bool:
+        """Set method and settings that produce the Plan row `fmt_name`; False when this tab
+        cannot write that format."""
+        settings = backend.plan_format_settings(fmt_name)
+        if settings is None:
+            return False
+        self.set_method(settings["method"])
+        if "bits" in settings and settings["method"] in ("rtn", "gptq", "awq"):
+            self.bits.setValue(settings["bits"])
+        group = settings.get("group_size")
+        if settings["method"] in ("rtn", "gptq", "awq"):
+            if group:
+                self.granularity.setCurrentIndex(self.granularity.findData(Granularity.GROUP.value))
+                self.group_size.setCurrentText(str(group))
+            else:
+                self.granularity.setCurrentIndex(self.granularity.findData(Granularity.CHANNEL.value))
+            self.sym.setCurrentIndex(self.sym.findData(bool(settings.get("sym", True))))
+        if "double_quant" in settings:
+            self.double_quant.setChecked(settings["double_quant"])
+        if settings.get("blocksize"):
+            idx = self.blocksize.findData(settings["blocksize"])
+            if idx >= 0:
+                self.blocksize.setCurrentIndex(idx)
+        self._settings_changed()
+        self.status.emit(f"Quantize set up for {settings['label']} ({self.method.currentText()})")
+        return True
+
     def _method_changed(self) -> None:
         m = self.method_key()
         used = METHOD_ROWS[m]
