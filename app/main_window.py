@@ -23,7 +23,7 @@ from app import backend
 from app.gpu_picker import GpuPicker
 from app.model_picker import ModelPicker
 from app.resources import icon
-from app.settings import AppSettings, apply_widget_values, widget_values
+from app.settings import AppSettings, apply_widget_values, model_key, widget_values
 from app.state import AppState, ModelChoice
 from app.status import MemoryStatusBar
 from app.theme import ThemeManager
@@ -101,6 +101,10 @@ class MainWindow(QMainWindow):
         self.inspect_view.error.connect(self.show_error)
         self.plan_view.error.connect(self.show_error)
         self.plan_view.quantize_requested.connect(self.quantize_plan_format)
+        # After the Quantize tab's own handler (connected first): the remembered folder wins over
+        # the proposed one.
+        self.state.model_changed.connect(self._restore_model_choices)
+        self.quantize_view.job_started.connect(self._remember_model_choices)
         for view in (self.quantize_view, self.inspect_view, self.results_view):
             view.status.connect(self.status.show_message)
 
@@ -331,6 +335,32 @@ class MainWindow(QMainWindow):
     def save_controls(self) -> None:
         for name, widgets in self.persisted_controls().items():
             self.settings.set_group(name, widget_values(widgets))
+
+    def _model_controls(self) -> dict[str, QWidget]:
+        q = self.quantize_view
+        return {"calib_source": q.calib_source, "calib_file": q.calib_file}
+
+    @Slot(object)
+    def _remember_model_choices(self, job: object) -> None:
+        """Calibration and output folder of the job just started, for its model."""
+        values = widget_values(self._model_controls())
+        values["out"] = str(getattr(job, "out", ""))
+        self.settings.set_group(f"model-{model_key(str(getattr(job, 'model', '')))}", values)
+
+    @Slot(object)
+    def _restore_model_choices(self, choice: ModelChoice | None) -> None:
+        if choice is None or choice.path is None:
+            return
+        values = self.settings.group(f"model-{model_key(str(choice.path))}")
+        if not values:
+            return
+        q = self.quantize_view
+        q.calib_source.blockSignals(True)  # no file dialog: the remembered file comes with it
+        apply_widget_values(self._model_controls(), values)
+        q.calib_source.blockSignals(False)
+        q.calib_file.setEnabled(q.calib_source.currentData() == "file")
+        if values.get("out"):
+            q.set_out_dir(str(values["out"]))
 
     def restore_controls(self) -> None:
         for name, widgets in self.persisted_controls().items():

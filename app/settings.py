@@ -73,6 +73,13 @@ class AppSettings:
         self._s.setValue(f"controls/{name}", json.dumps(values))
 
 
+def model_key(path: str) -> str:
+    """A QSettings-safe group name for a model folder ('/' would nest groups)."""
+    import hashlib
+
+    return hashlib.sha1(path.encode("utf-8")).hexdigest()[:16]
+
+
 def widget_values(widgets: dict[str, QWidget]) -> dict[str, Any]:
     """The user-visible value of each control (combo boxes by their item data when they have it)."""
     out: dict[str, Any] = {}

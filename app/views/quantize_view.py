@@ -88,6 +88,7 @@ class QuantizeView(QWidget):
     error = Signal(str, str)
     status = Signal(str)
     job_finished = Signal(object)  # QuantResult
+    job_started = Signal(object)  # QuantJob
     open_output = Signal(str)
 
     def __init__(self, state: AppState, theme: ThemeManager, parent: QWidget | None = None) -> None:
@@ -436,6 +437,7 @@ class QuantizeView(QWidget):
         resumed = ", resuming the interrupted run" if job.resume else ""
         self._append_log(f"quantize {job.model} → {job.out} ({job.method.method}, export {job.export or 'default'}{resumed})")
         self.runner.start(backend.run_quantization, job=job)
+        self.job_started.emit(job)
         self.status.emit(f"Quantizing {job.model.name} with {job.method.method}…")
         return True
 
@@ -666,6 +668,11 @@ class QuantizeView(QWidget):
         for label in (self.settings_error, self.run_blocked):
             label.setStyleSheet(f"color: {colour}; font-weight: 600;")
 
+    def set_out_dir(self, path: str) -> None:
+        """An output folder chosen outside this view (remembered for the model): kept like a typed one."""
+        self._proposed_out = ""
+        self.out_dir.setText(path)
+
     def default_out(self) -> str:
         """`<model folder>-<method>` beside the model folder ("" without a local model)."""
         model = self.state.model
@@ -694,6 +701,9 @@ class QuantizeView(QWidget):
         self._settings_changed()
 
     def _model_changed(self, choice: ModelChoice | None) -> None:
+        # A folder typed for the previous model was that model's; the new one gets its own
+        # proposal (the main window then restores the folder remembered for it, if any).
+        self._proposed_out = self.out_dir.text().strip()
         self._refresh_default_out()
         if choice is not None and choice.has_weights:
             self._offer_group_sizes(backend.valid_group_sizes(choice.source))

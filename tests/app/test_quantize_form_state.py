@@ -42,5 +42,6 @@ def test_proposed_output_folder_follows_method_and_model(window: Any, tiny_llama
     mine = str(tmp_path / "my-choice")
     q.out_dir.setText(mine)
     q.set_method("awq")
+    assert q.out_dir.text() == mine  # typed by the user: kept while the method changes
     window.open_model_folder(tiny_llama_dir)
-    assert q.out_dir.text() == mine  # typed by the user: kept
+    assert q.out_dir.text() == str(tiny_llama_dir.parent / f"{tiny_llama_dir.name}-awq")  # another model
