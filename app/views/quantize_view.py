@@ -596,7 +596,8 @@ class QuantizeView(QWidget):
                             ("--out", "the output folder"), ("another --method", "another method"),
                             ("another --export", "another output format"), ("--export", "the output format"),
                             ("--group-size", "the group size"), ("--bits", "the bits"), ("--samples", "the samples"),
-                            ("--seq-len", "the sequence length"), ("--calib", "the calibration source")):
+                            ("--seq-len", "the sequence length"), ("--calib", "the calibration source"),
+                            ("group_size", "group size")):
             message = message.replace(flag, words)
         return message
 
@@ -738,7 +739,7 @@ class QuantizeView(QWidget):
         except ValueError as exc:
             # Nothing derived from the last valid settings may stay: the ragged note described
             # another group size, and an empty Format box looked like a bug.
-            self.settings_error.setText(f"⚠ {exc}")
+            self.settings_error.setText(f"⚠ {self.gui_words(str(exc))}")
             self.settings_form.setRowVisible(self.settings_error, True)
             self.group_note.setText("")
             self.group_size.setToolTip(tip("group_size"))
@@ -775,7 +776,7 @@ class QuantizeView(QWidget):
         try:
             self.build_method_config()
         except ValueError as exc:
-            return f"Method settings: {exc}"
+            return f"Method settings: {self.gui_words(str(exc))}"
         out = self.out_dir.text().strip()
         if not out:
             return "Choose an output folder."
