@@ -32,6 +32,13 @@ def _optional(module: str) -> Any | None:
 
 # ---------------------------------------------------------------- models
 
+def supported_architectures() -> tuple[str, ...]:
+    """Architectures the engine quantizes (Plan and Inspect read any)."""
+    from core.model_io import SUPPORTED_ARCHITECTURES
+
+    return tuple(SUPPORTED_ARCHITECTURES)
+
+
 def open_model(path: str | Path) -> Any:
     """Headers only. Unsupported architectures open too: planning and inspection work for them,
     quantizing checks support itself."""
@@ -258,7 +265,8 @@ def default_export_for(method_config: Any, source: Any = None) -> str:
 def linear_in_features(source: Any) -> dict[str, int]:
     """{decoder linear: in_features} from the source's tensor headers ({} without weights)."""
     tensors = getattr(source, "tensors", {}) or {}
-    return {n[: -len(".weight")]: int(tensors[n].shape[1]) for n in linear_weight_names(source)}
+    # A quantized folder's linears are packed (no plain `.weight`): nothing to say about them.
+    return {n[: -len(".weight")]: int(tensors[n].shape[1]) for n in linear_weight_names(source) if n in tensors}
 
 
 def ragged_group_note(source: Any, method_config: Any) -> str:
@@ -315,6 +323,9 @@ def valid_group_sizes(source: Any, candidates: tuple[int, ...] = (32, 64, 96, 12
 
 # ---------------------------------------------------------------- evaluation
 
+COMPARE_STAGE = "before-after"  # one StageStarted per model evaluated (2 in all)
+
+
 def evaluate_before_after(
     *, original: Path, quantized: Path, text: str = "builtin", seq_len: int = 256, windows: int = 8,
     sink: Sink = null_sink, cancel: CancelToken | None = None,
@@ -336,9 +347,11 @@ def evaluate_before_after_here(
     """`evaluate_before_after` in this process (what its child process runs)."""
     from core.evaluate import evaluate
 
-    sink(StageStarted("evaluate", total=2, message=f"original {Path(original).name}"))
+    # Its own stage name: core.evaluate's windows are stage "evaluate", and the view tells the two
+    # passes from the windows inside each by this.
+    sink(StageStarted(COMPARE_STAGE, total=2, message=f"original {Path(original).name}"))
     before = evaluate(original, text=text, seq_len=seq_len, windows=windows, sink=sink, cancel=cancel)
-    sink(StageStarted("evaluate", total=2, message=f"quantized {Path(quantized).name}"))
+    sink(StageStarted(COMPARE_STAGE, total=2, message=f"quantized {Path(quantized).name}"))
     after = evaluate(quantized, text=text, seq_len=seq_len, windows=windows, reference=original,
                      sink=sink, cancel=cancel)
     ppl0, ppl1 = float(before["perplexity"]), float(after["perplexity"])
@@ -353,11 +366,42 @@ def evaluate_before_after_here(
 
 # ---------------------------------------------------------------- inspection
 
+# How exporters store a quantized linear's weight: the tensor name's last part after the
+# linear's own name (GPTQ/AWQ `qweight`, compressed-tensors `weight_packed`, int8/fp8 `weight`).
+_QUANTIZED_WEIGHT_SUFFIXES = (".qweight", ".weight_packed", ".weight")
+
+
 def linear_weight_names(source: Any) -> list[str]:
-    """2-D `.weight` tensors inside decoder layers, in layer order (the linears a method touches)."""
-    names = [n for n, t in getattr(source, "tensors", {}).items()
-             if n.endswith(".weight") and ".layers." in f".{n}" and len(t.shape) == 2]
-    return sorted(names, key=_layer_sort_key)
+    """`<linear>.weight` of every linear inside the decoder layers, in layer order (the linears a
+    method touches). In a quantized folder the stored tensors are packed (`qweight`,
+    `weight_packed`); the names are still the logical `.weight` ones, read by `load_linear_weight`."""
+    tensors = getattr(source, "tensors", {})
+    if not getattr(source, "quantization_config", None):
+        names = [n for n, t in tensors.items()
+                 if n.endswith(".weight") and ".layers." in f".{n}" and len(t.shape) == 2]
+        return sorted(names, key=_layer_sort_key)
+    found: set[str] = set()
+    for n, t in tensors.items():
+        if ".layers." not in f".{n}" or len(t.shape) != 2:
+            continue
+        for suffix in _QUANTIZED_WEIGHT_SUFFIXES:
+            if n.endswith(suffix):
+                found.add(n[: -len(suffix)] + ".weight")
+                break
+    return sorted(found, key=_layer_sort_key)
+
+
+def load_linear_weight(source: Any, weight_name: str) -> Any:
+    """The float weight [out, in] of one linear: as stored in a plain folder, dequantized by the
+    folder's own exporter in a quantized one (one linear in memory, no model loaded)."""
+    if getattr(source, "quantization_config", None):
+        from core.loader import read_quantized_weights
+
+        linear = weight_name[: -len(".weight")] if weight_name.endswith(".weight") else weight_name
+        q = read_quantized_weights(source, [linear]).get(linear)
+        if q is not None:
+            return q.dequantize().reshape(q.shape).float()
+    return source.load_tensors([weight_name])[weight_name].float()
 
 
 _MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -394,7 +438,7 @@ def weight_overview(*, source: Any, sink: Sink = null_sink, cancel: CancelToken 
     for i, name in enumerate(names):
         if cancel is not None:
             cancel.check()
-        w = source.load_tensors([name])[name]
+        w = load_linear_weight(source, name)
         out.append({"name": name[: -len(".weight")], **_weight_summary(w)})
         sink(Progress("overview", i + 1, len(names), name))
     return out
@@ -412,7 +456,7 @@ def linear_detail(
     import numpy as np
 
     weight_name = name if name.endswith(".weight") else f"{name}.weight"
-    w = source.load_tensors([weight_name])[weight_name].float()
+    w = load_linear_weight(source, weight_name)
     if cancel is not None:
         cancel.check()
     lim = float(w.abs().max()) or 1.0
@@ -542,7 +586,41 @@ def plan_rows(source: Any, gpu: GpuOption, *, num_gpus: int, context: int, batch
 
     plan = planner.plan(model_spec(source), gpu.spec, context=context, batch=batch, kv_dtype=kv_dtype,
                         engine=engine, num_gpus=num_gpus)
-    return [row.to_json() for row in plan.formats]
+    rows = [row.to_json() for row in plan.formats]
+    logical = logical_params(source)
+    if logical:
+        for row in rows:
+            _per_logical_weight(row, logical)
+    return rows
+
+
+def logical_params(source: Any) -> int | None:
+    """Parameters of the model a quantized folder was made from, counted from its config (the
+    stored tensors are packed: 8 4-bit values per int32, so counting them says 3× too few);
+    None for a plain folder or a catalog entry, whose stored count is already right."""
+    if not getattr(source, "quantization_config", None):
+        return None
+    from core.param_count import from_config
+
+    config = {k: v for k, v in dict(getattr(source, "config", {}) or {}).items() if k != "quantization_config"}
+    try:
+        return int(from_config(config).total_params) or None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _per_logical_weight(row: dict[str, Any], params: int) -> None:
+    """Bits per weight of a quantized folder over its real parameter count."""
+    stored = row.get("weights_bytes")
+    if not stored:
+        return
+    bpw = 8.0 * float(stored) / params
+    row["bits_per_weight"] = bpw
+    row["effective_bits_per_weight"] = bpw
+    formulas = dict(row.get("formulas") or {})
+    formulas["bits_per_weight"] = (f"{int(stored):,} stored bytes × 8 / {params:,} parameters (from config.json) "
+                                   f"= {bpw:.3f} bits per weight, scales, zeros and 16-bit parts included")
+    row["formulas"] = formulas
 
 
 def offload_split(source: Any, gpu: GpuOption, fmt: str, gpu_layers: int, *, num_gpus: int, context: int,
@@ -553,3 +631,28 @@ def offload_split(source: Any, gpu: GpuOption, fmt: str, gpu_layers: int, *, num
     row = planner.plan_offload(model_spec(source), gpu.spec, format=fmt, gpu_layers=gpu_layers, context=context,
                                batch=batch, kv_dtype=kv_dtype, engine=engine, num_gpus=num_gpus)
     return row.to_json()
+
+
+# ---------------------------------------------------------------- plan → quantize
+
+def plan_format_settings(fmt_name: str) -> dict[str, Any] | None:
+    """Quantize-tab settings that produce a Plan row's format, or None when the tab cannot write
+    it (16/32-bit rows, GGUF files, microscaling FP4/FP6). Weight-only integer rows use GPTQ, the
+    calibrated method that measures best at the same size; W8A8 int8 uses SmoothQuant."""
+    from core.formats import Kind, get_format
+
+    try:
+        fmt = get_format(fmt_name)
+    except (KeyError, ValueError):
+        return None
+    if fmt.kind is Kind.INT and fmt.weight_only:
+        return {"method": "gptq", "bits": int(fmt.bits), "group_size": fmt.group_size,
+                "sym": fmt.zero_bits == 0, "label": fmt.label}
+    if fmt.kind is Kind.INT:
+        return {"method": "smoothquant", "bits": int(fmt.bits), "label": fmt.label}
+    if fmt.kind is Kind.FP8:
+        return {"method": "fp8", "label": fmt.label}
+    if fmt.kind is Kind.NF:
+        return {"method": "nf4", "double_quant": fmt.name.endswith("_dq"), "blocksize": fmt.group_size,
+                "label": fmt.label}
+    return None

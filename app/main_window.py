@@ -23,7 +23,7 @@ from app import backend
 from app.gpu_picker import GpuPicker
 from app.model_picker import ModelPicker
 from app.resources import icon
-from app.settings import AppSettings
+from app.settings import AppSettings, apply_widget_values, model_key, widget_values
 from app.state import AppState, ModelChoice
 from app.status import MemoryStatusBar
 from app.theme import ThemeManager
@@ -100,6 +100,11 @@ class MainWindow(QMainWindow):
         self.results_view.error.connect(self.show_error)
         self.inspect_view.error.connect(self.show_error)
         self.plan_view.error.connect(self.show_error)
+        self.plan_view.quantize_requested.connect(self.quantize_plan_format)
+        # After the Quantize tab's own handler (connected first): the remembered folder wins over
+        # the proposed one.
+        self.state.model_changed.connect(self._restore_model_choices)
+        self.quantize_view.job_started.connect(self._remember_model_choices)
         for view in (self.quantize_view, self.inspect_view, self.results_view):
             view.status.connect(self.status.show_message)
 
@@ -113,6 +118,7 @@ class MainWindow(QMainWindow):
         if state is not None:
             self.restoreState(state)
         self.apply_theme(self.settings.theme())
+        self.restore_controls()
 
     # ------------------------------------------------------------ menus
     def _build_menus(self) -> None:
@@ -277,6 +283,12 @@ class MainWindow(QMainWindow):
         self.results_view.set_job(self.quantize_view.last_job, result, self.quantize_view.layer_points())
         self.tabs.setCurrentWidget(self.results_view)
 
+    @Slot(str)
+    def quantize_plan_format(self, fmt_name: str) -> None:
+        """Plan → Quantize in one click: the row's format becomes the Quantize tab's settings."""
+        if self.quantize_view.apply_plan_format(fmt_name):
+            self.tabs.setCurrentWidget(self.quantize_view)
+
     def export_report(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Save the report into a folder")
         if folder:
@@ -302,6 +314,58 @@ class MainWindow(QMainWindow):
         self.status.show_message(f"{title}: {message.splitlines()[0] if message else ''}")
         QMessageBox.critical(self, title, message)
 
+    # ------------------------------------------------------------ remembered controls
+    def persisted_controls(self) -> dict[str, dict[str, QWidget]]:
+        """The controls whose values survive a restart, by settings group."""
+        g, p, q = self.gpu_picker, self.plan_view, self.quantize_view
+        return {
+            "gpu": {"gpu": g.combo, "count": g.count, "custom_memory": g.custom_memory,
+                    "custom_bandwidth": g.custom_bandwidth},
+            "plan": {"context": p.context, "batch": p.batch, "kv_dtype": p.kv_dtype, "engine": p.engine},
+            # The method first: choosing it resets method-specific defaults (AWQ's zero point).
+            "quantize": {"method": q.method, "bits": q.bits, "granularity": q.granularity,
+                         "group_size": q.group_size, "sym": q.sym, "clip": q.clip, "damp": q.damp,
+                         "act_order": q.act_order, "grid": q.grid, "awq_clip": q.awq_clip,
+                         "blocksize": q.blocksize, "double_quant": q.double_quant, "fp8_fmt": q.fp8_fmt,
+                         "fp8_granularity": q.fp8_granularity, "alpha": q.alpha, "alpha_auto": q.alpha_auto,
+                         "act_scheme": q.act_scheme, "threshold": q.threshold, "samples": q.samples,
+                         "seq_len": q.seq_len},
+        }
+
+    def save_controls(self) -> None:
+        for name, widgets in self.persisted_controls().items():
+            self.settings.set_group(name, widget_values(widgets))
+
+    def _model_controls(self) -> dict[str, QWidget]:
+        q = self.quantize_view
+        return {"calib_source": q.calib_source, "calib_file": q.calib_file}
+
+    @Slot(object)
+    def _remember_model_choices(self, job: object) -> None:
+        """Calibration and output folder of the job just started, for its model."""
+        values = widget_values(self._model_controls())
+        values["out"] = str(getattr(job, "out", ""))
+        self.settings.set_group(f"model-{model_key(str(getattr(job, 'model', '')))}", values)
+
+    @Slot(object)
+    def _restore_model_choices(self, choice: ModelChoice | None) -> None:
+        if choice is None or choice.path is None:
+            return
+        values = self.settings.group(f"model-{model_key(str(choice.path))}")
+        if not values:
+            return
+        q = self.quantize_view
+        q.calib_source.blockSignals(True)  # no file dialog: the remembered file comes with it
+        apply_widget_values(self._model_controls(), values)
+        q.calib_source.blockSignals(False)
+        q.calib_file.setEnabled(q.calib_source.currentData() == "file")
+        if values.get("out"):
+            q.set_out_dir(str(values["out"]))
+
+    def restore_controls(self) -> None:
+        for name, widgets in self.persisted_controls().items():
+            apply_widget_values(widgets, self.settings.group(name))
+
     # ------------------------------------------------------------ shutdown
     def runners(self) -> list[TaskRunner]:
         return [self.demo_runner, *self.quantize_view.runners(), *self.inspect_view.runners(),
@@ -315,4 +379,5 @@ class MainWindow(QMainWindow):
             runner.shutdown()
         self.status.timer.stop()
         self.settings.save_window(self.saveGeometry(), self.saveState())
+        self.save_controls()
         super().closeEvent(event)

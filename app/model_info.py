@@ -46,7 +46,10 @@ def describe_source(source: Any, path: Path | None = None) -> dict[str, str]:
     if tensors:
         params = sum(_numel(t) for t in tensors.values())
         if qc:
-            rows["Stored values"] = human_count(params)
+            # Packed tensors hold several values per element: count what the config describes.
+            logical = _config_params(config)
+            if logical:
+                rows["Parameters"] = f"{human_count(logical)} (from config.json)"
         else:
             rows["Parameters"] = human_count(params)
         dtypes: dict[str, int] = {}
@@ -75,9 +78,7 @@ def describe_source(source: Any, path: Path | None = None) -> dict[str, str]:
     if ctx:
         rows["Max context"] = f"{int(ctx):,}"
     if qc:
-        method = qc.get("quant_method", "?")
-        detail = qc.get("format") or qc.get("bnb_4bit_quant_type") or qc.get("bits") or ""
-        rows["Quantized"] = f"{method} {detail}".strip()
+        rows["Quantized"] = quantization_summary(qc)
     if not tensors and path is not None:
         rows["Weights"] = "none (config only: planning works, quantizing needs weights)"
     return rows
@@ -106,3 +107,44 @@ def _catalog_params(source: Any) -> int | None:
         if isinstance(value, (int, float)) and value > 0:
             return int(value)
     return None
+
+
+def _config_params(config: dict) -> int | None:
+    from core.param_count import from_config
+
+    try:
+        return int(from_config({k: v for k, v in config.items() if k != "quantization_config"}).total_params)
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+_METHOD_NAMES = {"gptq": "GPTQ", "awq": "AWQ", "compressed-tensors": "compressed-tensors",
+                 "bitsandbytes": "bitsandbytes", "fp8": "FP8"}
+
+
+def quantization_summary(qc: dict) -> str:
+    """A checkpoint's `quantization_config` in words: method, bits, group size, symmetry
+    ("GPTQ 4-bit, group 64, symmetric"), whichever of them the config states."""
+    method = str(qc.get("quant_method", "?")).lower()
+    name = _METHOD_NAMES.get(method, method)
+    if method == "bitsandbytes":
+        if qc.get("load_in_8bit"):
+            return "bitsandbytes int8 (LLM.int8)"
+        kind = str(qc.get("bnb_4bit_quant_type", "nf4"))
+        return f"bitsandbytes 4-bit {kind}" + (", double quantization" if qc.get("bnb_4bit_use_double_quant") else "")
+    bits, group, sym, kind = qc.get("bits"), qc.get("group_size"), qc.get("sym"), None
+    if method == "compressed-tensors":
+        for cg in (qc.get("config_groups") or {}).values():
+            w = (cg or {}).get("weights") or {}
+            bits, group, sym, kind = w.get("num_bits"), w.get("group_size"), w.get("symmetric"), w.get("type")
+            break
+    parts = [name + (f" {kind}{bits}" if kind and bits else f" {bits}-bit" if bits else "")]
+    if group and int(group) > 0:
+        parts.append(f"group {group}")
+    elif bits:
+        parts.append("per channel")
+    if sym is not None:
+        parts.append("symmetric" if sym else "asymmetric")
+    if qc.get("desc_act"):
+        parts.append("act-order")
+    return ", ".join(parts)

@@ -32,7 +32,10 @@ def _clean(value: Any) -> Any:
     return str(value)
 
 
-def build_report(job: Any, result: Any, layers: list[dict], evaluation: dict | None) -> dict[str, Any]:
+def build_report(job: Any, result: Any, layers: list[dict], evaluation: dict | None,
+                 verification: dict | None = None) -> dict[str, Any]:
+    """`verification`: the export check's outcome ({"status": "ok" | "mismatch" | "error", …});
+    None when the output was not verified (the report says so rather than leaving it out)."""
     doc: dict[str, Any] = {
         "quantscope_version": core.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -48,6 +51,7 @@ def build_report(job: Any, result: Any, layers: list[dict], evaluation: dict | N
         "output_gib": getattr(result, "output_gib", None),
         "layers": _clean(layers),
         "evaluation": _clean(evaluation) if evaluation else None,
+        "verification": _clean(verification) if verification else {"status": "not verified"},
     }
     return doc
 
@@ -81,6 +85,9 @@ def render_html(doc: dict[str, Any], png_name: str | None) -> str:
     ev = doc.get("evaluation") or {}
     ev_rows = "".join(f"<tr><th>{esc(str(k))}</th><td>{fmt(v)}</td></tr>" for k, v in ev.items()
                       if not isinstance(v, dict))
+    ver = doc.get("verification") or {"status": "not verified"}
+    ver_rows = "".join(f"<tr><th>{esc(str(k))}</th><td>{fmt(v)}</td></tr>" for k, v in ver.items()
+                       if not isinstance(v, dict))
     layer_rows = "".join(
         "<tr>" + "".join(f"<td>{fmt(layer.get(k))}</td>" for k in ("name", "rel_error", "sqnr_db", "mse", "seconds"))
         + "</tr>"
@@ -94,6 +101,7 @@ th,td{{border:1px solid #d0d7de;padding:3px 8px;text-align:left}}th{{background:
 <body><h1>Quantscope report</h1><p>Quantscope {esc(str(doc.get('quantscope_version')))}, {esc(str(doc.get('created')))}</p>
 <table>{rows}</table><h2>Settings</h2><pre>{settings}</pre>
 <h2>Evaluation</h2><table>{ev_rows or '<tr><td>not evaluated</td></tr>'}</table>
+<h2>Export verification</h2><table>{ver_rows}</table>
 <h2>Per-layer error</h2>{img}
 <table><tr><th>linear</th><th>rel. error</th><th>SQNR dB</th><th>MSE</th><th>seconds</th></tr>{layer_rows}</table>
 </body></html>

@@ -1,7 +1,12 @@
-"""Persistent preferences (QSettings): theme, window state, recent models, last GPU."""
+"""Persistent preferences (QSettings): theme, window state, recent models, the GPU choice, the
+Plan controls and the Quantize method settings."""
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from PySide6.QtCore import QByteArray, QSettings
+from PySide6.QtWidgets import QAbstractSpinBox, QCheckBox, QComboBox, QDoubleSpinBox, QLineEdit, QSpinBox, QWidget
 
 MAX_RECENT = 10
 
@@ -53,3 +58,63 @@ class AppSettings:
 
     def set_value(self, key: str, value: object) -> None:
         self._s.setValue(key, value)
+
+    # A group of control values is one JSON document: QSettings' INI backend turns bools and
+    # numbers into strings, JSON brings them back typed.
+    def group(self, name: str) -> dict[str, Any]:
+        raw = self._s.value(f"controls/{name}")
+        try:
+            value = json.loads(str(raw)) if raw else {}
+        except json.JSONDecodeError:
+            return {}
+        return value if isinstance(value, dict) else {}
+
+    def set_group(self, name: str, values: dict[str, Any]) -> None:
+        self._s.setValue(f"controls/{name}", json.dumps(values))
+
+
+def model_key(path: str) -> str:
+    """A QSettings-safe group name for a model folder ('/' would nest groups)."""
+    import hashlib
+
+    return hashlib.sha1(path.encode("utf-8")).hexdigest()[:16]
+
+
+def widget_values(widgets: dict[str, QWidget]) -> dict[str, Any]:
+    """The user-visible value of each control (combo boxes by their item data when they have it)."""
+    out: dict[str, Any] = {}
+    for key, w in widgets.items():
+        if isinstance(w, QCheckBox):
+            out[key] = w.isChecked()
+        elif isinstance(w, (QSpinBox, QDoubleSpinBox)):
+            out[key] = w.value()
+        elif isinstance(w, QComboBox):
+            data = w.currentData()
+            out[key] = w.currentText() if w.isEditable() or data is None else data
+        elif isinstance(w, QLineEdit):
+            out[key] = w.text()
+    return out
+
+
+def apply_widget_values(widgets: dict[str, QWidget], values: dict[str, Any]) -> None:
+    """Set what `widget_values` saved; values that no longer fit a control (an item that is gone,
+    a number out of range) are skipped, so an old settings file never breaks the start."""
+    for key, w in widgets.items():
+        if key not in values:
+            continue
+        v = values[key]
+        if isinstance(w, QCheckBox) and isinstance(v, bool):
+            w.setChecked(v)
+        elif isinstance(w, QAbstractSpinBox) and isinstance(v, (int, float)) and not isinstance(v, bool):
+            if w.minimum() <= v <= w.maximum():
+                w.setValue(int(v) if isinstance(w, QSpinBox) else float(v))
+        elif isinstance(w, QComboBox):
+            idx = w.findData(v)
+            if idx < 0:
+                idx = w.findText(str(v))
+            if idx >= 0:
+                w.setCurrentIndex(idx)
+            elif w.isEditable():
+                w.setCurrentText(str(v))
+        elif isinstance(w, QLineEdit) and isinstance(v, str):
+            w.setText(v)

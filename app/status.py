@@ -8,6 +8,7 @@ from PySide6.QtCore import QTimer
 from PySide6.QtWidgets import QLabel, QProgressBar, QStatusBar, QWidget
 
 from app import backend
+from app.views.live_text import LiveText
 
 GIB = 1024 ** 3
 
@@ -15,7 +16,10 @@ GIB = 1024 ** 3
 class MemoryStatusBar(QStatusBar):
     def __init__(self, parent: QWidget | None = None, interval_ms: int = 2000) -> None:
         super().__init__(parent)
-        self.message = QLabel("Ready")
+        # A plain QLabel asks for its whole text's width, and the status bar passes that up: one
+        # long message (an error with a path) widened the window for good. LiveText keeps a fixed
+        # size hint and elides; the whole text is its tooltip.
+        self.message = LiveText("Ready", sample="Opened a model folder")
         self.ram = QLabel()
         self.proc = QLabel()
         self.gpu = QLabel()
@@ -37,7 +41,8 @@ class MemoryStatusBar(QStatusBar):
         self.refresh()
 
     def show_message(self, text: str) -> None:
-        self.message.setText(text)
+        # One line: a status bar that grows a second line pushes the tabs up.
+        self.message.setText("  ".join(line.strip() for line in text.splitlines()))
 
     def show_progress(self, done: int, total: int) -> None:
         """total == 0 shows a busy indicator."""

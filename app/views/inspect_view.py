@@ -29,6 +29,7 @@ from PySide6.QtWidgets import (
 from core.events import Progress, StageStarted
 
 from app import backend
+from app.help_text import TERMS
 from app.state import AppState, ModelChoice
 from app.theme import ThemeManager, style_plot
 from app.views.layer_plot import MODULE_TYPES, layer_number, module_type
@@ -36,6 +37,7 @@ from app.worker import TaskRunner
 
 HEAT_METRICS = {"kurtosis": "weight kurtosis (3 = Gaussian)", "absmax_over_std": "max|w| / σ"}
 HEAT_TYPES = [t for t in MODULE_TYPES if t != "other"]
+OUTLIERS_SHOWN = 20  # channel numbers listed in the text; the tooltip has all of them
 
 
 class InspectView(QWidget):
@@ -49,6 +51,7 @@ class InspectView(QWidget):
         self.theme = theme
         self.overview: list[dict[str, Any]] = []
         self.detail: dict[str, Any] | None = None
+        self.marked_cell: tuple[int, int] | None = None  # (layer, module column) outlined on the heatmap
         self.overview_runner = TaskRunner(self)
         self.detail_runner = TaskRunner(self)
 
@@ -72,6 +75,10 @@ class InspectView(QWidget):
         # axis end instead of being dropped.
         bottom.setStyle(hideOverlappingLabels=False)
         self.heat.scene().sigMouseClicked.connect(self._heat_clicked)
+        # Outline of the cell of the selected linear.
+        self.heat_marker = pg.PlotDataItem(x=[], y=[])
+        self.heat_marker.setZValue(10)
+        self.heat.addItem(self.heat_marker)
         self.heat.setMinimumHeight(240)
         self.overview_progress = QProgressBar()
         self.overview_progress.setRange(0, 1)
@@ -95,18 +102,18 @@ class InspectView(QWidget):
         self.title = QLabel("Choose a linear")
         self.title.setObjectName("Heading")
         self.calibrate = QCheckBox("with calibration (activations)")
-        self.calibrate.setToolTip("Run calibration text through the model to measure per-channel activation absmax")
+        self.calibrate.setToolTip(TERMS["calibrate"])
         self.calibrate.toggled.connect(self._reload_detail)
         self.threshold = QDoubleSpinBox()
         self.threshold.setRange(0.1, 1000.0)
         self.threshold.setValue(6.0)
-        self.threshold.setToolTip("LLM.int8() outlier threshold on |activation|")
+        self.threshold.setToolTip(TERMS["threshold"])
         self.threshold.valueChanged.connect(self._threshold_changed)
         self.alpha = QDoubleSpinBox()
         self.alpha.setRange(0.0, 1.0)
         self.alpha.setSingleStep(0.05)
         self.alpha.setValue(0.5)
-        self.alpha.setToolTip("SmoothQuant migration strength α")
+        self.alpha.setToolTip(TERMS["alpha"])
         self.alpha.valueChanged.connect(self._reload_if_calibrated)
         controls = QHBoxLayout()
         controls.addWidget(self.title, 1)
@@ -127,12 +134,26 @@ class InspectView(QWidget):
         self.channels.setMenuEnabled(False)
         self.channels.setLabel("bottom", "input channel")
         self.channels.setLabel("left", "max |·| per channel")
-        self.channels.addLegend(offset=(-10, 10))
-        self.w_curve = self.channels.plot(name="weights")
-        self.a_curve = self.channels.plot(name="activations")
+        self.channels.setLabel("left", "weights: max |w| per channel")
+        legend = self.channels.addLegend(offset=(-10, 10))
+        self.w_curve = self.channels.plot(name="weights (left axis)")
+        # Activations are often 100× the weights: on one shared axis the weight curve was a flat
+        # line at zero. They get their own view box and the right axis; the LLM.int8 threshold
+        # is an activation value, so its line lives there too.
+        plot = self.channels.getPlotItem()
+        self.a_view = pg.ViewBox()
+        plot.showAxis("right")
+        plot.scene().addItem(self.a_view)
+        plot.getAxis("right").linkToView(self.a_view)
+        plot.getAxis("right").setLabel("activations: max |x| per channel")
+        self.a_view.setXLink(plot)
+        self.a_curve = pg.PlotDataItem()
+        self.a_view.addItem(self.a_curve)
+        legend.addItem(self.a_curve, "activations (right axis)")
         self.threshold_line = pg.InfiniteLine(angle=0, movable=False, label="LLM.int8 threshold {value:.1f}",
                                               labelOpts={"position": 0.1})
-        self.channels.addItem(self.threshold_line)
+        self.a_view.addItem(self.threshold_line)
+        plot.vb.sigResized.connect(self._sync_activation_view)
         self.stats = QLabel()
         self.stats.setWordWrap(True)
         self.stats.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
@@ -188,15 +209,34 @@ class InspectView(QWidget):
         self.heat_image.clear()
         self.overview_runner.cancel()
         self.detail_runner.cancel()
+        # Nothing of the previous model may stay on screen under the new one's name.
+        self.hist_curve.setData([], [])
+        self.w_curve.setData([], [])
+        self.a_curve.setData([], [])
+        self.threshold_line.setVisible(False)
+        self.stats.setText("")
+        self.smooth.setText("")
+        self.overview_progress.setValue(0)
+        self.heat.setTitle("")
+        self.heat_marker.setData([], [])
         if choice is None or not choice.has_weights:
             self.title.setText("Inspection needs a model folder with weights" if choice else "Choose a linear")
+            self.heat.setTitle(self.title.text() if choice else "", size="9pt")
             return
         for name in backend.linear_weight_names(choice.source):
             item = QListWidgetItem(name[: -len(".weight")])
             self.linears.addItem(item)
+        if not self.linears.count():
+            self.title.setText("No decoder linears found in this folder")
+            self.heat.setTitle("No decoder linears found: nothing to inspect", size="9pt")
+            return
+        if choice.is_quantized:
+            # Quantized folders are inspected through their exporter's dequantization: the
+            # statistics are those of the weights the model really computes with.
+            self.heat.setTitle("dequantized weights", size="9pt")
+        self.title.setText("Choose a linear")
         self.overview_runner.start(backend.weight_overview, source=choice.source)
-        if self.linears.count():
-            self.linears.setCurrentRow(0)
+        self.linears.setCurrentRow(0)
 
     # ------------------------------------------------------------ overview heatmap
     @Slot(object)
@@ -253,7 +293,23 @@ class InspectView(QWidget):
         return item.text() if item is not None else None
 
     def _linear_selected(self, *_: object) -> None:
+        self._mark_selected_cell()
         self._reload_detail()
+
+    def _mark_selected_cell(self) -> None:
+        name = self.current_linear()
+        kind = module_type(name) if name else None
+        if name is None or kind not in HEAT_TYPES:
+            self.heat_marker.setData([], [])
+            self.marked_cell = None
+            return
+        col, row = HEAT_TYPES.index(kind), layer_number(name, 0)
+        self.heat_marker.setData([col, col + 1, col + 1, col, col], [row, row, row + 1, row + 1, row])
+        self.marked_cell = (row, col)
+
+    def _sync_activation_view(self) -> None:
+        self.a_view.setGeometry(self.channels.getPlotItem().vb.sceneBoundingRect())
+        self.a_view.linkedViewChanged(self.channels.getPlotItem().vb, self.a_view.XAxis)
 
     def _reload_if_calibrated(self) -> None:
         if self.calibrate.isChecked():
@@ -291,28 +347,48 @@ class InspectView(QWidget):
             self.a_curve.setData(np.arange(len(a)), np.asarray(a))
         else:
             self.a_curve.setData([], [])
+        self.a_view.enableAutoRange(axis=pg.ViewBox.YAxis)
         self._threshold_changed()
         rows, cols = d["shape"]
         self.stats.setText(
             f"shape {rows} × {cols} · kurtosis {d['kurtosis']:.2f} (Gaussian 3) · max|w| {d['absmax']:.4g} "
             f"= {d['absmax_over_std']:.1f} σ · beyond 6σ {d['frac_beyond_6sigma'] * 100:.3f} %"
         )
-        if a is not None:
-            top = ", ".join(f"#{i} ×{s:.2f}" for i, s in d["smooth_top"][:8])
-            self.smooth.setText(
-                f"Activation max {float(np.max(a)):.2f}; {len(d['outlier_channels'])} channels ≥ threshold "
-                f"{d['threshold']:g} (LLM.int8 keeps them in 16-bit): {d['outlier_channels'][:20]}\n"
-                f"SmoothQuant (α={d['alpha']:.2f}) rescales most: {top}"
-            )
-        else:
+        self._describe_activations()
+        self.detail_ready.emit(d)
+
+    def _describe_activations(self) -> None:
+        """The activation summary for the threshold in the box now: the channels at or above it
+        are counted from the measured absmax here, so changing the threshold needs no new run."""
+        d = self.detail
+        a = d.get("a_absmax") if d is not None else None
+        if d is None or a is None:
             self.smooth.setText("Tick “with calibration” to measure activations, LLM.int8 outlier channels "
                                 "and SmoothQuant scales.")
-        self.detail_ready.emit(d)
+            self.smooth.setToolTip("")
+            return
+        a = np.asarray(a)
+        threshold = self.threshold.value()
+        outliers = [int(i) for i in np.flatnonzero(a >= threshold)]
+        shown = outliers[:OUTLIERS_SHOWN]
+        listed = ", ".join(f"#{i}" for i in shown) or "none"
+        if len(outliers) > len(shown):
+            listed += f" … and {len(outliers) - len(shown)} more (all in the tooltip)"
+        top = ", ".join(f"#{i} ×{s:.2f}" for i, s in d["smooth_top"][:8])
+        self.smooth.setText(
+            f"Activation max {float(np.max(a)):.2f}; {len(outliers)} channels ≥ threshold {threshold:g} "
+            f"(LLM.int8 keeps them in 16-bit): {listed}\n"
+            f"SmoothQuant (α={d['alpha']:.2f}) rescales most: {top}"
+        )
+        self.smooth.setToolTip(f"All {len(outliers)} channels ≥ {threshold:g}: " + ", ".join(map(str, outliers))
+                               if outliers else "")
 
     def _threshold_changed(self, *_: object) -> None:
         self.threshold_line.setValue(self.threshold.value())
         show = self.detail is not None and self.detail.get("a_absmax") is not None
         self.threshold_line.setVisible(show)
+        if show:
+            self._describe_activations()
 
     def _failed(self, title: str, exc: object) -> None:
         self.detail_progress.setRange(0, 1)
@@ -327,3 +403,4 @@ class InspectView(QWidget):
         self.w_curve.setPen(pg.mkPen(pal.parts[0], width=1))
         self.a_curve.setPen(pg.mkPen(pal.parts[2], width=1))
         self.threshold_line.setPen(pg.mkPen(pal.modules["o"], width=2, style=Qt.PenStyle.DashLine))
+        self.heat_marker.setPen(pg.mkPen(pal.foreground, width=3))

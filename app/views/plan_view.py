@@ -16,6 +16,7 @@ from PySide6.QtWidgets import (
     QHBoxLayout,
     QHeaderView,
     QLabel,
+    QPushButton,
     QScrollArea,
     QSlider,
     QSpinBox,
@@ -27,20 +28,23 @@ from PySide6.QtWidgets import (
 )
 
 from app import backend
+from app.help_text import TERMS
 from app.state import AppState
 from app.theme import ThemeManager, qcolor, style_plot
 
+# Two-line headers: with one-line ones the ten columns outgrow the table at the default window
+# width (1360 px) and the last one, the decode speed, is cut off.
 COLUMNS = [
     ("Format", "format"),
-    ("Bits/weight", "bits_per_weight"),
+    ("Bits/\nweight", "bits_per_weight"),
     ("Weights", "weights_gib"),
     ("KV cache", "kv_cache_gib"),
-    ("Activations", "activations_gib"),
-    ("Overhead", "overhead_gib"),
+    ("Activ-\nations", "activations_gib"),
+    ("Over-\nhead", "overhead_gib"),
     ("Total", "total_gib"),
     ("Fits", "fits"),
-    ("GPU / CPU layers", "layers"),
-    ("Decode tok/s", "decode_tokens_per_s"),
+    ("GPU / CPU\nlayers", "layers"),
+    ("Decode\ntok/s", "decode_tokens_per_s"),
 ]
 PARTS = [("weights_gib", "Weights"), ("kv_cache_gib", "KV cache"), ("activations_gib", "Activations"),
          ("overhead_gib", "Overhead")]
@@ -49,19 +53,21 @@ CONTEXT_PRESETS = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
 
 class PlanView(QWidget):
     error = Signal(str, str)
+    quantize_requested = Signal(str)  # format name of the selected row
 
     def __init__(self, state: AppState, theme: ThemeManager, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.state = state
         self.theme = theme
         self.rows: list[dict[str, Any]] = []
+        self.split_shown: tuple[str, float, float] | None = None  # (format, GiB on GPU, GiB on CPU)
 
         self.context = QSpinBox()
         self.context.setRange(1, 10_000_000)
         self.context.setSingleStep(1024)
         self.context.setValue(4096)
         self.context.setSuffix(" tokens")
-        self.context.setToolTip("Context length the KV cache must hold (per sequence)")
+        self.context.setToolTip(TERMS["context"])
         self.context_preset = QComboBox()
         for n in CONTEXT_PRESETS:
             self.context_preset.addItem(f"{n // 1024}k" if n >= 1024 else str(n), n)
@@ -69,15 +75,15 @@ class PlanView(QWidget):
         self.context_preset.activated.connect(lambda i: self.context.setValue(self.context_preset.itemData(i)))
         self.batch = QSpinBox()
         self.batch.setRange(1, 4096)
-        self.batch.setToolTip("Concurrent sequences (each has its own KV cache)")
+        self.batch.setToolTip(TERMS["batch"])
         self.kv_dtype = QComboBox()
         for name in backend.KV_DTYPES:
             self.kv_dtype.addItem(name)
-        self.kv_dtype.setToolTip("Element type of the KV cache")
+        self.kv_dtype.setToolTip(TERMS["kv_dtype"])
         self.engine = QComboBox()
         for key, label in backend.engine_profiles():
             self.engine.addItem(label, key)
-        self.engine.setToolTip("Inference engine profile: decides runtime overhead (CUDA context, vLLM's reserved pool, …)")
+        self.engine.setToolTip(TERMS["engine"])
 
         controls = QHBoxLayout()
         for label, widget in (("Context", self.context), ("", self.context_preset), ("Batch", self.batch),
@@ -105,17 +111,37 @@ class PlanView(QWidget):
         self.chart.setMouseEnabled(x=False, y=False)
         self.chart.showGrid(y=True, alpha=0.25)
         self.chart.setLabel("left", "GiB")
-        self.chart.addLegend(offset=(-10, 10))
+        # Sizes are always GiB: pyqtgraph's automatic SI prefix turned a small quantized model's
+        # axis into "GiB (x0.001)".
+        self.chart.getPlotItem().getAxis("left").enableAutoSIPrefix(False)
         self.bars: list[pg.BarGraphItem] = []
-        for i, (_key, label) in enumerate(PARTS):
+        for _key, _label in PARTS:
             bar = pg.BarGraphItem(x=[], height=[], width=0.7, y0=[])
             self.chart.addItem(bar)
             self.bars.append(bar)
-            self.chart.getPlotItem().legend.addItem(bar, label)
+        # The selected format is framed, and the slider's split is drawn inside its bar as a
+        # narrow stack: the part on the GPU and the part left in CPU RAM.
+        self.selection_frame = pg.BarGraphItem(x=[], height=[], width=0.86, y0=[])
+        self.split_gpu = pg.BarGraphItem(x=[], height=[], width=0.22, y0=[])
+        self.split_cpu = pg.BarGraphItem(x=[], height=[], width=0.22, y0=[])
+        for item in (self.selection_frame, self.split_gpu, self.split_cpu):
+            self.chart.addItem(item)
         self.gpu_line = pg.InfiniteLine(angle=0, movable=False, label="GPU {value:.1f} GiB",
                                         labelOpts={"position": 0.95, "anchors": [(1, 1), (1, 1)]})
         self.chart.addItem(self.gpu_line)
         self.chart.setMinimumHeight(220)
+        self.chart.getPlotItem().getAxis("bottom").setHeight(44)  # room for two-line names
+        # The legend lives under the plot, not in it: inside the view box it covered the GPU
+        # line's label whenever the card's memory sat near the top of the scale.
+        self.legend = QLabel()
+        self.legend.setObjectName("Muted")
+        self.legend.setWordWrap(True)
+        self.legend.setTextFormat(Qt.TextFormat.RichText)
+        chart_box = QWidget()
+        cl = QVBoxLayout(chart_box)
+        cl.setContentsMargins(0, 0, 0, 0)
+        cl.addWidget(self.chart, 1)
+        cl.addWidget(self.legend)
 
         # Offload panel for the selected format.
         self.offload_format = QLabel("Select a format in the table")
@@ -133,7 +159,13 @@ class PlanView(QWidget):
         self.formula.setAlignment(Qt.AlignmentFlag.AlignTop | Qt.AlignmentFlag.AlignLeft)
         offload = QGroupBox("Offload and formulas")
         ol = QVBoxLayout(offload)
-        ol.addWidget(self.offload_format)
+        self.quantize_button = QPushButton("Quantize to this")
+        self.quantize_button.setEnabled(False)
+        self.quantize_button.clicked.connect(self._quantize_selected)
+        head = QHBoxLayout()
+        head.addWidget(self.offload_format, 1)
+        head.addWidget(self.quantize_button)
+        ol.addLayout(head)
         ol.addWidget(QLabel("GPU layers"))
         ol.addWidget(self.slider)
         ol.addWidget(self.offload_text)
@@ -145,7 +177,7 @@ class PlanView(QWidget):
         ol.addWidget(formula_scroll, 1)
 
         lower = QSplitter(Qt.Orientation.Horizontal)
-        lower.addWidget(self.chart)
+        lower.addWidget(chart_box)
         lower.addWidget(offload)
         lower.setStretchFactor(0, 3)
         lower.setStretchFactor(1, 2)
@@ -213,8 +245,15 @@ class PlanView(QWidget):
         self._update_chart(rows)
         if rows:
             names = [row["format"] for row in rows]
+            # Re-selecting the row that is already selected emits no selection signal, so the
+            # panel is refreshed explicitly: a new GPU, model or context changes every figure in it.
+            self.table.blockSignals(True)
             self.table.selectRow(names.index(selected) if selected in names else 0)
+            self.table.blockSignals(False)
+            self._selection_changed()
         else:
+            self._draw_split(None, None)
+            self.offload_format.setText("Select a format in the table")
             self.slider.setRange(0, 0)
             self.offload_text.setText("")
             self.formula.setText("")
@@ -230,7 +269,7 @@ class PlanView(QWidget):
                 return "yes"
             if row.get("fits_with_offload"):
                 return "with offload"
-            return f"no ({row.get('missing_gib', 0):.1f} GiB short)"
+            return f"no, {row.get('missing_gib', 0):,.0f} GiB short"
         if key == "layers":
             return f"{row.get('gpu_layers', 0)} / {row.get('cpu_layers', 0)}"
         if key == "decode_tokens_per_s":
@@ -243,7 +282,7 @@ class PlanView(QWidget):
         formulas = row.get("formulas") or {}
         part = {"weights_gib": "weights", "kv_cache_gib": "kv_cache", "activations_gib": "activations",
                 "overhead_gib": "overhead", "total_gib": "total", "decode_tokens_per_s": "decode",
-                "layers": "offload", "fits": "offload"}.get(key)
+                "layers": "offload", "fits": "offload", "bits_per_weight": "bits_per_weight"}.get(key)
         text = formulas.get(part, "") if part else ""
         notes = [row.get("support_note") or ""] if key == "format" else []
         if key == "format":
@@ -258,7 +297,9 @@ class PlanView(QWidget):
             bar.setOpts(x=x, height=heights, y0=list(base), width=0.7)
             base = [b + h for b, h in zip(base, heights)]
         axis = self.chart.getPlotItem().getAxis("bottom")
-        axis.setTicks([[(i, str(r["format"])) for i, r in enumerate(rows)]])
+        # The table's names, broken at the first space: on one line, eleven of them overlap.
+        axis.setTicks([[(i, str(r.get("label") or r["format"]).replace(" ", "\n", 1))
+                        for i, r in enumerate(rows)]])
         gpu = self.state.gpu
         biggest = max(base, default=0.0)
         top = max(biggest * 1.15, 0.05)
@@ -293,6 +334,7 @@ class PlanView(QWidget):
             return
         layers = int(row.get("gpu_layers", 0)) + int(row.get("cpu_layers", 0))
         self.offload_format.setText(str(row.get("label") or row["format"]))
+        self._update_quantize_button(row)
         self.slider.blockSignals(True)
         self.slider.setRange(0, layers)
         self.slider.setValue(int(row.get("gpu_layers", 0)))
@@ -312,25 +354,77 @@ class PlanView(QWidget):
             return
         speed = split.get("decode_tokens_per_s")
         capacity = split.get("capacity_gib", gpu.memory_gib * self.state.num_gpus)
+        short = float(split.get("missing_gib", 0) or 0) > 0
+        if short:
+            # A split that does not fit never runs, so a speed for it would be a made-up number.
+            decode = "Decode: — (this split does not fit)"
+        elif speed:
+            decode = f"Decode ≈ {speed:,.1f} tokens/s (batch 1)"
+        else:
+            decode = "Decode speed: GPU bandwidth unknown"
         lines = [
             f"GPU: {split['gpu_layers']} layers, {split['gpu_used_gib']:.2f} GiB of {capacity:.1f} GiB usable",
             f"CPU: {split['cpu_layers']} layers, {split['cpu_ram_needed_gib']:.2f} GiB of RAM",
-            f"Decode ≈ {speed:,.1f} tokens/s (batch 1)" if speed else "Decode speed: GPU bandwidth unknown",
+            decode,
         ]
         full = next((r for r in self.rows if r["format"] == row["format"]), None)
-        if speed and full and full.get("decode_tokens_per_s") and full["gpu_layers"] != split["gpu_layers"]:
+        if (speed and not short and full and full.get("decode_tokens_per_s")
+                and full["gpu_layers"] != split["gpu_layers"]):
             lines[-1] += f" (planner's split: {full['decode_tokens_per_s']:,.1f} tokens/s)"
-        if split.get("missing_gib", 0) > 0:
+        if short:
             lines.append(f"Does not fit: {split['missing_gib']:.2f} GiB short")
         elif not split.get("fits") and not split.get("fits_with_offload"):
             lines.append("Does not fit with this split")
         if split.get("support_note"):
             lines.append(split["support_note"])
         self.offload_text.setText("\n".join(lines))
+        self._draw_split(row, split)
         formulas = dict(row.get("formulas") or {})
         formulas.update(split.get("formulas") or {})
         self.formula.setText("\n".join(f"{k}: {v}" for k, v in formulas.items()))
         self.offload_formulas = formulas
+
+    def _update_quantize_button(self, row: dict[str, Any]) -> None:
+        model = self.state.model
+        settings = backend.plan_format_settings(str(row["format"]))
+        if settings is None:
+            why = f"{row.get('label') or row['format']} is not written by the Quantize tab (16-bit, GGUF or FP4/FP6)."
+        elif model is None or not model.has_weights or model.is_quantized:
+            why = "Open the model's own folder (with weights, not quantized) to quantize it."
+        else:
+            why = ""
+        self.quantize_button.setEnabled(not why)
+        self.quantize_button.setToolTip(why or f"Set up the Quantize tab for {settings['label']} "
+                                               f"({settings['method']}) and open it")
+
+    def _quantize_selected(self) -> None:
+        name = self.selected_format()
+        if name is not None:
+            self.quantize_requested.emit(name)
+
+    def _draw_split(self, row: dict[str, Any] | None, split: dict[str, Any] | None) -> None:
+        """Frame the selected format's bar and draw the slider's GPU/CPU split inside it."""
+        if row is None or split is None or row not in self.rows:
+            for item in (self.selection_frame, self.split_gpu, self.split_cpu):
+                item.setOpts(x=[], height=[], y0=[])
+            self.split_shown = None
+            return
+        x = self.rows.index(row)
+        on_gpu = float(split.get("gpu_used_gib", 0.0))
+        on_cpu = float(split.get("cpu_ram_needed_gib", 0.0))
+        self.selection_frame.setOpts(x=[x], height=[float(row["total_gib"])], y0=[0.0])
+        self.split_gpu.setOpts(x=[x], height=[on_gpu], y0=[0.0])
+        self.split_cpu.setOpts(x=[x], height=[on_cpu], y0=[on_gpu])
+        self.split_shown = (str(row["format"]), on_gpu, on_cpu)
+
+    def _legend_html(self) -> str:
+        pal = self.theme.palette
+        swatch = '<span style="color:{c}">■</span> {t}'
+        items = [swatch.format(c=c, t=label) for c, (_k, label) in zip(pal.parts, PARTS)]
+        items += [swatch.format(c=pal.modules["gate"], t="on GPU (slider)"),
+                  swatch.format(c=pal.modules["o"], t="in CPU RAM (slider)"),
+                  f'<span style="color:{pal.modules["o"]}">- -</span> GPU memory']
+        return " &nbsp; ".join(items)
 
     def _restyle(self, *_: object) -> None:
         pal = self.theme.palette
@@ -340,5 +434,9 @@ class PlanView(QWidget):
         self.gpu_line.setPen(pg.mkPen(pal.modules["o"], width=2,
                                       style=Qt.PenStyle.DashLine))
         self.gpu_line.label.setColor(pal.foreground)
+        self.selection_frame.setOpts(brush=pg.mkBrush(0, 0, 0, 0), pen=pg.mkPen(pal.foreground, width=2))
+        self.split_gpu.setOpts(brush=pg.mkBrush(pal.modules["gate"]), pen=pg.mkPen(pal.background, width=1))
+        self.split_cpu.setOpts(brush=pg.mkBrush(pal.modules["o"]), pen=pg.mkPen(pal.background, width=1))
+        self.legend.setText(self._legend_html())
         if self.rows:
             self._show(self.rows)

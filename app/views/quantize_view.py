@@ -45,6 +45,7 @@ from core.config import (
 from core.events import Finished, LayerDone, Log, MemorySample, Progress, StageStarted
 
 from app import backend
+from app.help_text import TERMS, tip
 from app.resources import icon
 from app.state import AppState, ModelChoice
 from app.theme import ThemeManager
@@ -74,6 +75,9 @@ METHOD_ROWS = {
     "llm_int8": ("threshold",),
 }
 LOG_LINES = 2000
+# The bar counts in steps of 1/SUBSTEPS of a linear, so a method's progress inside one linear
+# (GPTQ's column blocks) moves it smoothly without ever passing the linears done.
+SUBSTEPS = 1000
 # Progress bar, stage and ETA labels and new log lines reach the widgets at most this often while
 # a job runs: every widget update is a repaint on the UI thread (QProgressBar.setValue paints at
 # once), and a fast job sends several events per frame.
@@ -84,6 +88,7 @@ class QuantizeView(QWidget):
     error = Signal(str, str)
     status = Signal(str)
     job_finished = Signal(object)  # QuantResult
+    job_started = Signal(object)  # QuantJob
     open_output = Signal(str)
 
     def __init__(self, state: AppState, theme: ThemeManager, parent: QWidget | None = None) -> None:
@@ -93,9 +98,13 @@ class QuantizeView(QWidget):
         self.runner = TaskRunner(self)
         self.last_job: QuantJob | None = None
         self.last_result: Any = None
+        self._proposed_out = ""  # the output folder this view last filled in itself
         self._t0 = 0.0
         self._stage = ""
         self._layers_total = 0
+        self._layers_done = 0
+        self._stage_total = 0
+        self._current_linear = ""
         self._pending_log: list[str] = []
         self._pending_range: tuple[int, int] | None = None  # progress bar (maximum, value); 0 = busy
         self._pending_stage: str | None = None
@@ -178,11 +187,20 @@ class QuantizeView(QWidget):
         ):
             self.settings_form.addRow(label, widget)
             self._rows[key] = widget
+        for key, widget in self._rows.items():
+            if key in TERMS:
+                (self.alpha if key == "alpha" else widget).setToolTip(TERMS[key])
         # Below the group size: shown when it leaves a ragged last group in the open model.
         self.group_note = QLabel("")
         self.group_note.setWordWrap(True)
         self.settings_form.insertRow(self.settings_form.getWidgetPosition(self.group_size)[0] + 1, "", self.group_note)
         self.settings_form.setRowVisible(self.group_note, False)
+        # Right under the method, not below the fold: why these settings cannot run.
+        self.settings_error = QLabel("")
+        self.settings_error.setObjectName("Error")
+        self.settings_error.setWordWrap(True)
+        self.settings_form.insertRow(1, "", self.settings_error)
+        self.settings_form.setRowVisible(self.settings_error, False)
 
         # ---------------- calibration
         self.calib_source = QComboBox()
@@ -203,6 +221,8 @@ class QuantizeView(QWidget):
         cf.addRow("Samples", self.samples)
         cf.addRow("Sequence length", self.seq_len)
         self.calib_source.currentIndexChanged.connect(self._calib_source_changed)
+        for key in ("samples", "seq_len", "calib_source"):
+            getattr(self, key).setToolTip(TERMS[key])
 
         # ---------------- output
         self.out_dir = QLineEdit()
@@ -221,6 +241,8 @@ class QuantizeView(QWidget):
         of.addRow("Folder", out_row)
         of.addRow("Format", self.export)
         of.addRow("", self.overwrite)
+        self.out_dir.textChanged.connect(self._update_run_state)
+        self.overwrite.toggled.connect(self._update_run_state)
 
         self.memory = QLabel()
         self.memory.setWordWrap(True)
@@ -263,6 +285,14 @@ class QuantizeView(QWidget):
         self.eta = LiveText("", sample="elapsed 00 min 00 s · ETA 00 min 00 s")
         self.eta.setAlignment(Qt.AlignmentFlag.AlignRight)
         self.eta.setObjectName("Muted")
+        # Why Run is disabled, checked when the model, the settings or the output folder change,
+        # instead of a failure seconds after Run (DESIGN: validate where the input is chosen).
+        self.run_blocked = QLabel()
+        self.run_blocked.setObjectName("Error")
+        self.run_blocked.setWordWrap(True)
+        self.run_blocked.setVisible(False)
+        self._paint_errors()
+        theme.changed.connect(self._paint_errors)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
@@ -285,6 +315,7 @@ class QuantizeView(QWidget):
         rl = QVBoxLayout(right)
         rl.setContentsMargins(4, 0, 0, 0)
         rl.addLayout(buttons)
+        rl.addWidget(self.run_blocked)
         rl.addLayout(info)
         rl.addWidget(right_split, 1)
 
@@ -382,6 +413,10 @@ class QuantizeView(QWidget):
     def run(self) -> bool:
         if self.runner.running:
             return False
+        reason = self.run_blocker()
+        if reason:
+            self.error.emit("Cannot start", reason)
+            return False
         try:
             job = self.build_job()
         except ValueError as exc:
@@ -394,13 +429,15 @@ class QuantizeView(QWidget):
         self.plot.clear()
         self.log.clear()
         self._t0 = time.monotonic()
-        self._layers_total = 0
+        self._layers_total = self._layers_done = self._stage_total = 0
+        self._stage = self._current_linear = ""
         self.progress.setRange(0, 0)
         self.stage.setText("Starting…")
         self.eta.setText("")
         resumed = ", resuming the interrupted run" if job.resume else ""
         self._append_log(f"quantize {job.model} → {job.out} ({job.method.method}, export {job.export or 'default'}{resumed})")
         self.runner.start(backend.run_quantization, job=job)
+        self.job_started.emit(job)
         self.status.emit(f"Quantizing {job.model.name} with {job.method.method}…")
         return True
 
@@ -440,19 +477,21 @@ class QuantizeView(QWidget):
             self.plot.add_point(ev.name, ev.index, ev.metrics, ev.seconds)
             self._layers_total = ev.total
             done = ev.index + 1
-            self._pending_range = (max(ev.total, 1), done)
+            self._layers_done = done
+            self._current_linear = ev.name
+            self._pending_range = (max(ev.total, 1) * SUBSTEPS, done * SUBSTEPS)
             self._pending_stage = f"{self._stage or 'quantize'}: linear {done}/{ev.total} — {ev.name}"
             self._update_eta(done, ev.total)
         elif isinstance(ev, Progress):
-            self._stage = ev.stage
             if ev.total:
-                self._pending_range = (ev.total, ev.done)
-                if ev.stage != "quantize":
-                    self._pending_stage = f"{ev.stage}: {ev.done}/{ev.total} {ev.message}".strip()
+                self._on_progress(ev)
         elif isinstance(ev, StageStarted):
             self._stage = ev.stage
+            self._stage_total = ev.total
+            if ev.stage == "quantize" and ev.total:
+                self._layers_total = ev.total
             self._pending_stage = f"{ev.stage} {ev.message}".strip()
-            self._pending_range = (ev.total, 0) if ev.total else (0, 0)
+            self._pending_range = (ev.total * SUBSTEPS, 0) if ev.total else (0, 0)
             self._queue_log(f"[{ev.stage}] {ev.message}".rstrip())
         elif isinstance(ev, Log):
             self._queue_log(f"{ev.level}: {ev.message}")
@@ -465,7 +504,29 @@ class QuantizeView(QWidget):
         if not self._status_timer.isActive():
             self._status_timer.start()
 
-    def _update_eta(self, done: int, total: int) -> None:
+    def _on_progress(self, ev: Progress) -> None:
+        """A Progress of the stage that is running moves the bar; one from a different stage is
+        a step *inside* the current linear (GPTQ's column blocks): it advances the bar within that
+        linear's share and is named after the linear, so the bar never jumps to 100 % and back."""
+        if ev.stage == self._stage or not self._stage:
+            if ev.stage == "quantize":
+                self._layers_total, self._layers_done = ev.total, ev.done
+            self._pending_range = (ev.total * SUBSTEPS, ev.done * SUBSTEPS)
+            if ev.stage != "quantize":
+                self._pending_stage = f"{ev.stage}: {ev.done}/{ev.total} {ev.message}".strip()
+            return
+        total = self._layers_total
+        if total <= 0:
+            return  # a nested step before the run has said how many linears there are
+        fraction = min(max(ev.done / ev.total, 0.0), 1.0)
+        base = min(self._layers_done, total - 1)
+        self._pending_range = (total * SUBSTEPS, base * SUBSTEPS + int(fraction * (SUBSTEPS - 1)))
+        name = ev.message or self._current_linear
+        self._pending_stage = (f"{self._stage}: linear {base + 1}/{total} — {name} "
+                               f"({ev.stage} {ev.done}/{ev.total} columns)")
+        self._update_eta(base + fraction, total)
+
+    def _update_eta(self, done: float, total: int) -> None:
         elapsed = time.monotonic() - self._t0
         if done <= 0 or total <= 0:
             return
@@ -502,11 +563,18 @@ class QuantizeView(QWidget):
         self.last_result = result
         self.progress.setRange(0, 1)
         self.progress.setValue(1)
-        seconds = getattr(result, "seconds", time.monotonic() - self._t0)
+        wall = time.monotonic() - self._t0
+        seconds = float(getattr(result, "seconds", wall))
         out = getattr(result, "output", None)
-        self.stage.setText(f"Done in {_fmt_seconds(seconds)} → {out}")
+        # Two clocks, both named: the wall time the user waited (job process start-up, imports
+        # and export included) and the engine's own time (read, calibrate, quantize, write).
+        self.stage.setText(f"Done in {_fmt_seconds(wall)} (engine {_fmt_seconds(seconds)}) → {out}")
+        self.stage.setToolTip(f"{_fmt_seconds(wall)}: wall time from Run to the result, including starting the "
+                              f"job process and importing torch/transformers.\n{_fmt_seconds(seconds)}: the "
+                              "engine's own time to read, calibrate, quantize and write the output.")
         self.eta.setText(f"peak RSS {getattr(result, 'peak_rss_gib', float('nan')):.2f} GiB")
-        self._append_log(f"finished: {len(self.plot.points)} linears in {seconds:.1f} s, output {out}")
+        self._append_log(f"finished: {len(self.plot.points)} linears, {wall:.1f} s wall time "
+                         f"({seconds:.1f} s in the engine), output {out}")
         self.status.emit(f"Quantized into {out}")
         self.job_finished.emit(result)
 
@@ -518,7 +586,20 @@ class QuantizeView(QWidget):
         self.progress.setValue(0)
         self.stage.setText("Failed")
         self._append_log(f"error: {exc}")
-        self.error.emit("Quantization failed", str(exc) or type(exc).__name__)
+        self.error.emit("Quantization failed", self.gui_words(str(exc) or type(exc).__name__))
+        self._update_run_state()
+
+    def gui_words(self, message: str) -> str:
+        """A core message names CLI flags; here the same advice names this window's controls."""
+        for flag, words in ((" pass --overwrite", f" tick “{self.overwrite.text()}”"),
+                            ("--overwrite", f"“{self.overwrite.text()}”"), ("another --out", "another output folder"),
+                            ("--out", "the output folder"), ("another --method", "another method"),
+                            ("another --export", "another output format"), ("--export", "the output format"),
+                            ("--group-size", "the group size"), ("--bits", "the bits"), ("--samples", "the samples"),
+                            ("--seq-len", "the sequence length"), ("--calib", "the calibration source"),
+                            ("group_size", "group size")):
+            message = message.replace(flag, words)
+        return message
 
     @Slot()
     def _on_cancelled(self) -> None:
@@ -533,7 +614,9 @@ class QuantizeView(QWidget):
 
     @Slot(bool)
     def _running_changed(self, running: bool) -> None:
-        self.run_button.setEnabled(not running)
+        # A job that just finished has created its output folder: Run is blocked until the
+        # overwrite box is ticked or another folder chosen, and the panel says so.
+        self._update_run_state()
         self.cancel_button.setEnabled(running)
         self.method.setEnabled(not running)
 
@@ -542,6 +625,33 @@ class QuantizeView(QWidget):
         self._flush_status()
 
     # ------------------------------------------------------------ form updates
+    def apply_plan_format(self, fmt_name: str) -> bool:
+        """Set method and settings that produce the Plan row `fmt_name`; False when this tab
+        cannot write that format."""
+        settings = backend.plan_format_settings(fmt_name)
+        if settings is None:
+            return False
+        self.set_method(settings["method"])
+        if "bits" in settings and settings["method"] in ("rtn", "gptq", "awq"):
+            self.bits.setValue(settings["bits"])
+        group = settings.get("group_size")
+        if settings["method"] in ("rtn", "gptq", "awq"):
+            if group:
+                self.granularity.setCurrentIndex(self.granularity.findData(Granularity.GROUP.value))
+                self.group_size.setCurrentText(str(group))
+            else:
+                self.granularity.setCurrentIndex(self.granularity.findData(Granularity.CHANNEL.value))
+            self.sym.setCurrentIndex(self.sym.findData(bool(settings.get("sym", True))))
+        if "double_quant" in settings:
+            self.double_quant.setChecked(settings["double_quant"])
+        if settings.get("blocksize"):
+            idx = self.blocksize.findData(settings["blocksize"])
+            if idx >= 0:
+                self.blocksize.setCurrentIndex(idx)
+        self._settings_changed()
+        self.status.emit(f"Quantize set up for {settings['label']} ({self.method.currentText()})")
+        return True
+
     def _method_changed(self) -> None:
         m = self.method_key()
         used = METHOD_ROWS[m]
@@ -550,7 +660,37 @@ class QuantizeView(QWidget):
         if m == "awq":
             self.sym.setCurrentIndex(1)  # AWQ's usual layout is asymmetric with zero points
         self.calib_box.setVisible(m in CALIBRATED_METHODS)
+        self._refresh_default_out()
         self._settings_changed()
+
+    def _paint_errors(self, *_: object) -> None:
+        # The style sheets have no error colour; the theme's red, as the Results tab does.
+        colour = self.theme.palette.modules["o"]
+        for label in (self.settings_error, self.run_blocked):
+            label.setStyleSheet(f"color: {colour}; font-weight: 600;")
+
+    def set_out_dir(self, path: str) -> None:
+        """An output folder chosen outside this view (remembered for the model): kept like a typed one."""
+        self._proposed_out = ""
+        self.out_dir.setText(path)
+
+    def default_out(self) -> str:
+        """`<model folder>-<method>` beside the model folder ("" without a local model)."""
+        model = self.state.model
+        if model is None or model.path is None:
+            return ""
+        return str(model.path.parent / f"{model.path.name}-{self.method_key()}")
+
+    def _refresh_default_out(self) -> None:
+        """Follow the model and the method while the folder is the one this view proposed; a
+        folder the user typed or browsed to is theirs and stays."""
+        text = self.out_dir.text().strip()
+        if text and text != self._proposed_out:
+            return
+        proposed = self.default_out()
+        if proposed:
+            self._proposed_out = proposed
+            self.out_dir.setText(proposed)
 
     def _calib_source_changed(self) -> None:
         is_file = self.calib_source.currentData() == "file"
@@ -562,8 +702,10 @@ class QuantizeView(QWidget):
         self._settings_changed()
 
     def _model_changed(self, choice: ModelChoice | None) -> None:
-        if choice is not None and choice.path is not None and not self.out_dir.text():
-            self.out_dir.setText(str(choice.path.parent / f"{choice.path.name}-{self.method_key()}"))
+        # A folder typed for the previous model was that model's; the new one gets its own
+        # proposal (the main window then restores the folder remembered for it, if any).
+        self._proposed_out = self.out_dir.text().strip()
+        self._refresh_default_out()
         if choice is not None and choice.has_weights:
             self._offer_group_sizes(backend.valid_group_sizes(choice.source))
         self._settings_changed()
@@ -595,13 +737,67 @@ class QuantizeView(QWidget):
         try:
             config = self.build_method_config()
         except ValueError as exc:
-            self.memory.setText(f"⚠ {exc}")
+            # Nothing derived from the last valid settings may stay: the ragged note described
+            # another group size, and an empty Format box looked like a bug.
+            self.settings_error.setText(f"⚠ {self.gui_words(str(exc))}")
+            self.settings_form.setRowVisible(self.settings_error, True)
+            self.group_note.setText("")
+            self.group_size.setToolTip(tip("group_size"))
+            self.settings_form.setRowVisible(self.group_note, False)
+            self.memory.setText("")
             self.export.clear()
-            self.run_button.setEnabled(False)
+            self.export.addItem("— fix the settings above —", None)
+            self.export.setEnabled(False)
+            self._update_run_state()
             return
-        self.run_button.setEnabled(not self.runner.running)
+        self.settings_error.setText("")
+        self.settings_form.setRowVisible(self.settings_error, False)
+        self.export.setEnabled(True)
         self._refresh_exports(config)
         self._refresh_memory(config)
+        self._update_run_state()
+
+    def run_blocker(self) -> str:
+        """Why Run cannot start with what is chosen now, in the words of this window; "" when it can."""
+        model = self.state.model
+        if model is None:
+            return "Open a model folder to quantize (File ▸ Open, or drop a folder on the window)."
+        if model.path is None:
+            return f"{model.label} is a catalog entry (config only): it can be planned, not quantized. Open its model folder."
+        if not model.has_weights:
+            return f"{model.path.name} has no safetensors weights: quantizing needs them."
+        if model.is_quantized:
+            return (f"{model.path.name} is already quantized. Open the original model folder to quantize "
+                    "it again; this one can be planned, inspected and evaluated.")
+        if not getattr(model.source, "supported", True):
+            arch = getattr(model.source, "architecture", "?")
+            return (f"The {arch} architecture cannot be quantized yet (supported: "
+                    f"{', '.join(backend.supported_architectures())}). Plan and Inspect still work.")
+        try:
+            self.build_method_config()
+        except ValueError as exc:
+            return f"Method settings: {self.gui_words(str(exc))}"
+        out = self.out_dir.text().strip()
+        if not out:
+            return "Choose an output folder."
+        out_path = Path(out).expanduser()
+        if out_path.resolve() == model.path.resolve():
+            return "The output folder must differ from the model folder."
+        if out_path.exists() and not out_path.is_dir():
+            return f"{out_path} is a file; choose a folder for the output."
+        if not out_path.exists() and not out_path.parent.is_dir():
+            return f"The folder {out_path.parent} does not exist: create it or choose another output folder."
+        if out_path.exists() and not self.overwrite.isChecked():
+            return (f"The output folder {out_path.name} already exists: tick “{self.overwrite.text()}” "
+                    "or choose another folder.")
+        return ""
+
+    def _update_run_state(self, *_: object) -> None:
+        reason = self.run_blocker()
+        self.run_blocked.setText(reason if self.state.model is not None else "")
+        self.run_blocked.setVisible(bool(reason) and self.state.model is not None)
+        self.run_button.setEnabled(not self.runner.running and not reason)
+        self.run_button.setToolTip(reason or "Start quantizing (Ctrl+R)")
 
     def _refresh_exports(self, config: Any) -> None:
         current = self.export.currentData()
@@ -611,7 +807,7 @@ class QuantizeView(QWidget):
         default = backend.default_export_for(config, source)
         note = backend.ragged_group_note(source, config) if source is not None else ""
         self.group_note.setText(note)
-        self.group_size.setToolTip(note)
+        self.group_size.setToolTip(tip("group_size", note))
         self.settings_form.setRowVisible(self.group_note, bool(note))
         self.export.blockSignals(True)
         self.export.clear()

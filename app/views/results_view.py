@@ -3,6 +3,7 @@ on a worker thread), the per-layer plot, and saving a report (JSON + PNG + HTML)
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,21 @@ from PySide6.QtWidgets import (
 from core.events import Progress, StageStarted
 
 from app import backend
+from app.help_text import TERMS
 from app.report import build_report, write_report
 from app.resources import icon
 from app.state import AppState
 from app.theme import ThemeManager
 from app.views.layer_plot import LayerErrorPlot, LayerPoint
 from app.worker import TaskRunner
+
+EVAL_PASSES = 2  # the original model, then the quantized one
+EVAL_STEPS = 1000
+
+
+def _fmt_seconds(s: float) -> str:
+    s = max(0, int(round(s)))
+    return f"{s} s" if s < 60 else f"{s // 60} min {s % 60:02d} s"
 
 
 class ResultsView(QWidget):
@@ -45,6 +55,10 @@ class ResultsView(QWidget):
         self.result: Any = None
         self.evaluation: dict[str, Any] | None = None
         self.runner = TaskRunner(self)
+        self._eval_t0 = 0.0
+        self._eval_pass = -1  # 0: the original model, 1: the quantized one
+        self._eval_pass_name = ""
+        self.verification: dict[str, Any] | None = None  # the export check's outcome, for the report
 
         self.summary = QLabel("Run a quantization to see its results here.")
         self.summary.setWordWrap(True)
@@ -56,6 +70,8 @@ class ResultsView(QWidget):
         self.windows = QSpinBox()
         self.windows.setRange(1, 1024)
         self.windows.setValue(8)
+        self.windows.setToolTip(TERMS["windows"])
+        self.seq_len.setToolTip(TERMS["eval_seq_len"])
         self.auto = QCheckBox("evaluate automatically after each job")
         self.auto.setChecked(True)
         self.eval_button = QPushButton(icon("run"), "Evaluate before / after")
@@ -161,7 +177,8 @@ class ResultsView(QWidget):
         lines = [
             f"<b>{getattr(result, 'method', '?')}</b> → {out}",
             f"Export: {getattr(result, 'export', '?')}",
-            f"{len(points)} linears in {getattr(result, 'seconds', 0.0):.1f} s, "
+            f"{len(points)} linears, {getattr(result, 'seconds', 0.0):.1f} s in the engine "
+            "(read, calibrate, quantize, write), "
             f"peak RSS {getattr(result, 'peak_rss_gib', math.nan):.2f} GiB",
         ]
         src, dst = getattr(result, "source_gib", 0.0), getattr(result, "output_gib", 0.0)
@@ -176,6 +193,7 @@ class ResultsView(QWidget):
             lab.setText("—")
         self.eval_button.setEnabled(out is not None)
         self.verify_report = None
+        self.verification = None
         self._set_verify_state("", "Not verified yet.")
         self.verify_button.setEnabled(out is not None and not self.verify_runner.running)
         self.save_button.setEnabled(True)
@@ -188,7 +206,10 @@ class ResultsView(QWidget):
         if self.job is None or self.result is None:
             self.error.emit("Nothing to evaluate", "Run a quantization first.")
             return False
+        self._eval_t0 = time.monotonic()
+        self._eval_pass, self._eval_pass_name = -1, ""
         self.eval_progress.setRange(0, 0)
+        self.eval_progress.setFormat("starting the evaluation…")
         self.runner.start(backend.evaluate_before_after, original=Path(self.job.model),
                           quantized=Path(self.result.output), seq_len=self.seq_len.value(),
                           windows=self.windows.value())
@@ -207,6 +228,7 @@ class ResultsView(QWidget):
             self.error.emit("Nothing to verify", "Run a quantization first; the check loads the folder it wrote.")
             return False
         self.verify_report = None
+        self.verification = None
         self._set_verify_state("", f"Verifying {out.name}: loading it with its consumer…")
         self.verify_runner.start(backend.verify_export, path=out)
         self.status.emit(f"Verifying the export in {out}…")
@@ -224,6 +246,8 @@ class ResultsView(QWidget):
     @Slot(object)
     def _on_verified(self, report: Any) -> None:
         self.verify_report = report
+        self.verification = {"status": "ok" if report.ok else "mismatch", "output": str(self.output_path()),
+                             **report.to_dict()}
         verdict = "OK" if report.ok else "MISMATCH"
         text = (f"{verdict} — loaded with {report.loader}<br>"
                 f"max logit difference {report.max_logit_diff:.3g} (relative {report.rel_logit_diff:.3g}, "
@@ -239,6 +263,7 @@ class ResultsView(QWidget):
     def _on_verify_failed(self, exc: object, _tb: str) -> None:
         kind = "MISMATCH" if backend.is_verify_mismatch(exc) else "ERROR"
         msg = str(exc) or type(exc).__name__
+        self.verification = {"status": kind.lower(), "output": str(self.output_path()), "message": msg}
         self._set_verify_state("error", f"{kind} — {msg}")
         self.status.emit(f"Export verification: {kind}")
         self.error.emit("Export verification failed", msg)
@@ -253,18 +278,40 @@ class ResultsView(QWidget):
 
     @Slot(object)
     def _on_event(self, ev: object) -> None:
-        if isinstance(ev, Progress) and ev.total:
-            self.eval_progress.setRange(0, ev.total)
-            self.eval_progress.setValue(ev.done)
+        """One bar for the whole evaluation: two passes (original, quantized) of equal share, each
+        loading its model(s) and then running its windows; the ETA follows the windows done."""
+        if isinstance(ev, StageStarted) and ev.stage == backend.COMPARE_STAGE:
+            self._eval_pass = min(self._eval_pass + 1, EVAL_PASSES - 1)
+            self._eval_pass_name = ev.message
+            self._show_eval_progress(0.0, "starting")
+        elif isinstance(ev, StageStarted) and ev.stage == "load":
+            self._show_eval_progress(0.0, "loading the model" if "reference" not in ev.message
+                                     else "loading the reference")
         elif isinstance(ev, StageStarted) and ev.message:
-            self.eval_progress.setFormat(f"{ev.message} %p%")
+            self._show_eval_progress(0.0, ev.message)
+        elif isinstance(ev, Progress) and ev.total:
+            self._show_eval_progress(ev.done / ev.total, ev.message or f"{ev.done}/{ev.total}")
+
+    def _show_eval_progress(self, fraction: float, what: str) -> None:
+        step = max(self._eval_pass, 0)
+        overall = (step + min(max(fraction, 0.0), 1.0)) / EVAL_PASSES
+        self.eval_progress.setRange(0, EVAL_STEPS)
+        self.eval_progress.setValue(int(overall * EVAL_STEPS))
+        elapsed = time.monotonic() - self._eval_t0
+        eta = ""
+        if fraction > 0 and overall > 0:
+            eta = f" · ETA {_fmt_seconds(elapsed / overall * (1.0 - overall))}"
+        name = self._eval_pass_name or "evaluation"
+        text = f"{name} ({step + 1} of {EVAL_PASSES}): {what} — %p%{eta}"
+        self.eval_progress.setFormat(text.replace("%", "%%").replace("%%p%%", "%p%"))
 
     @Slot(object)
     def _on_evaluated(self, ev: dict[str, Any]) -> None:
         self.evaluation = ev
         self.eval_progress.setRange(0, 1)
         self.eval_progress.setValue(1)
-        self.eval_progress.setFormat("done")
+        wall = time.monotonic() - self._eval_t0
+        self.eval_progress.setFormat(f"done in {_fmt_seconds(wall)}")
         self.ppl_before.setText(f"{ev['perplexity_before']:.3f}")
         self.ppl_after.setText(f"{ev['perplexity_after']:.3f}")
         change = ev.get("perplexity_change_pct")
@@ -294,7 +341,8 @@ class ResultsView(QWidget):
 
     # ------------------------------------------------------------ saving
     def report(self) -> dict[str, Any]:
-        return build_report(self.job, self.result, [p.to_json() for p in self.plot.points], self.evaluation)
+        return build_report(self.job, self.result, [p.to_json() for p in self.plot.points], self.evaluation,
+                            self.verification)
 
     def save_report(self, folder: Path) -> dict[str, Path] | None:
         if self.job is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -173,15 +174,21 @@ def test_bad_input_found_in_the_job_process_shows_the_engines_own_message(
     (out / "keep.txt").write_text("not a model")
     with pytest.raises(ValueError) as in_process:
         run_quantization(QuantJob(tiny_llama_dir, out, RTNConfig(bits=4, group_size=64)))
+    # The Quantize tab refuses an existing folder before Run; the engine's check still matters
+    # when the folder appears after Run was pressed (the job process needs seconds to start).
+    shutil.move(str(out), str(tmp_path / "aside"))
     q = window.quantize_view
     with qtbot.waitSignal(q.runner.failed, timeout=120000) as blocker:
         _start_rtn(window, tiny_llama_dir, out)
+        shutil.move(str(tmp_path / "aside"), str(out))
     exc, tb = blocker.args
     assert type(exc) is ValueError and str(exc) == str(in_process.value)
-    assert dialogs == [("Quantization failed", str(in_process.value))]
+    assert dialogs == [("Quantization failed", q.gui_words(str(in_process.value)))]
+    assert "--overwrite" not in dialogs[0][1]
     assert "Traceback" in tb and "core/" in tb  # the job process's own traceback, for the details
     assert (out / "keep.txt").read_text() == "not a model" and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
-    assert q.stage.text() == "Failed" and q.run_button.isEnabled()
+    assert q.stage.text() == "Failed" and not q.run_button.isEnabled()  # the folder exists now
+    assert "already exists" in q.run_blocked.text()
     assert job_processes() == []
 
 
