@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from core import catalog
+
+
+def _usable(gpu_id: str) -> str:
+    """The capacity the panel must quote: what CUDA reports for the card (the catalog's usable_gib)."""
+    return f"of {catalog.get_gpu(gpu_id).usable_memory_gib:.1f} GiB usable"
+
 
 def _panel(window: Any) -> tuple[str, int]:
     p = window.plan_view
@@ -15,11 +22,12 @@ def test_offload_panel_follows_gpu_model_context_and_custom_size(window: Any) ->
     window.model_picker.open_catalog("smollm2-135m")
     window.gpu_picker.select("rtx-4090")
     assert p.selected_format() is not None
-    assert "of 24.0 GiB usable" in p.offload_text.text()
+    assert _usable("rtx-4090") in p.offload_text.text()
     assert p.slider.maximum() == 30
 
-    window.gpu_picker.select("h20")  # 96 GiB card
-    assert "of 96.0 GiB usable" in p.offload_text.text()
+    window.gpu_picker.select("h20")  # a 96 GB card: its own figure, not the 4090's
+    assert _usable("h20") in p.offload_text.text()
+    assert _usable("h20") != _usable("rtx-4090")
 
     window.model_picker.open_catalog("qwen3-8b")
     assert p.slider.maximum() == 36
