@@ -4,9 +4,9 @@
 #   packaging/build.sh            build + smoke test
 #   packaging/build.sh --no-test  build only
 # Dependencies come from constraints.txt (the tested versions; see README.md). PyInstaller comes
-# from the `package` extra of pyproject.toml. If the project venv lacks it, a
-# separate build venv (build/package-venv) is made that sees the project venv's packages through a
-# .pth file, so the project venv itself is never modified.
+# from the `package` extra of pyproject.toml. If the project venv lacks it, a separate build venv
+# (build/package-venv) is made that sees the project venv's packages through a .pth file, so the
+# project venv itself is never modified.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
