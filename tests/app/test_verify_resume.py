@@ -44,7 +44,7 @@ def test_verify_failure_is_shown_as_an_error(window: Any, qtbot: Any, tiny_llama
     from app import backend
     from core.export.verify import VerifyError
 
-    def mismatch(*, path: Any, sink: Any, cancel: Any) -> Any:
+    def mismatch(*, path: Any, sink: Any, cancel: Any, source: Any = None) -> Any:
         raise VerifyError(f"{path}: logits differ by 3.5 (tolerance 0.01)")
 
     with qtbot.waitSignal(window.quantize_view.job_finished, timeout=120000):
