@@ -120,6 +120,7 @@ class GpuOption:
     free_gib: float | None = None
     detected: bool = False
     detail: str = ""
+    index: int | None = None  # CUDA device index of a detected GPU (what `cuda:N` names)
 
 
 def system_ram_gib() -> tuple[float, float]:
@@ -134,13 +135,15 @@ DEFAULT_GPU = "rtx-4090"
 
 
 def _gpu_option(spec: Any, *, free_gib: float | None = None, detected: bool = False,
-                label: str | None = None) -> GpuOption:
+                label: str | None = None, index: int | None = None) -> GpuOption:
     detail = f"{spec.generation}, compute {spec.compute_capability:g}"
     if spec.native_formats:
         detail += f"; native: {', '.join(spec.native_formats)}"
     mem = f"{spec.memory_gib:.0f} GiB"
+    # A detected GPU's key carries its index: two identical cards are two entries, not one.
+    prefix = f"detected:{index}:" if detected and index is not None else "detected:" if detected else ""
     return GpuOption(
-        key=("detected:" if detected else "") + spec.id,
+        key=prefix + spec.id,
         label=label or f"{spec.name} — {mem}",
         memory_gib=float(spec.memory_gib),
         bandwidth_gbs=float(spec.bandwidth_gb_s) or None,
@@ -148,6 +151,7 @@ def _gpu_option(spec: Any, *, free_gib: float | None = None, detected: bool = Fa
         free_gib=free_gib,
         detected=detected,
         detail=detail,
+        index=index,
     )
 
 
@@ -165,7 +169,29 @@ def detected_gpus() -> list[GpuOption]:
     for dev in detect().gpus:
         free = dev.free_gib
         label = f"GPU {dev.index}: {dev.name}" + (f" — {free:.1f} GiB free" if free is not None else "")
-        out.append(_gpu_option(dev.spec(), free_gib=free, detected=True, label=label))
+        out.append(_gpu_option(dev.spec(), free_gib=free, detected=True, label=label, index=dev.index))
+    return out
+
+
+@dataclass(frozen=True)
+class DeviceOption:
+    """One entry of a device picker: the `device` string a job takes ("auto", "cpu", "cuda:N")."""
+
+    device: str
+    label: str
+    tooltip: str = ""
+
+
+def compute_devices() -> list[DeviceOption]:
+    """Where a job can run here: Auto, the CPU, then each detected CUDA GPU by index."""
+    out = [DeviceOption("auto", "Auto", "The GPU when the job fits in its free memory, else the CPU"),
+           DeviceOption("cpu", "CPU", "The CPU, on all the cores this process may use")]
+    for opt in detected_gpus():
+        if opt.index is None:
+            continue
+        # The detected label without its free memory, which changes while the app runs.
+        head = opt.label.split(" — ")[0]
+        out.append(DeviceOption(f"cuda:{opt.index}", f"{head} (cuda:{opt.index})", opt.label))
     return out
 
 
@@ -211,21 +237,45 @@ def find_interrupted(out: str | Path) -> Any | None:
     return _find(Path(out))
 
 
-def verify_export(*, path: str | Path, sink: Sink = null_sink, cancel: CancelToken | None = None) -> Any:
+def verify_export(*, path: str | Path, source: str | Path | None = None, sink: Sink = null_sink,
+                  cancel: CancelToken | None = None) -> Any:
     """Worker function: load the written export with its real consumer and compare its logits
     and perplexity with Quantscope's model (core.export.verify), in a child process as the
-    quantization runs (app.jobproc). Returns the VerifyReport; raises VerifyError (a ValueError)
-    when they differ beyond the tolerance."""
+    quantization runs (app.jobproc). `source` is the model folder the export was made from: a
+    GGUF's own tokenization is checked against its tokenizer (without it that check is skipped).
+    Returns the VerifyReport; raises VerifyError (a ValueError) when they differ beyond the
+    tolerance."""
     from app.jobproc import run_in_child
 
-    return run_in_child(verify_export_here, {"path": path}, sink=sink, cancel=cancel)
+    return run_in_child(verify_export_here, {"path": path, "source": source}, sink=sink, cancel=cancel)
 
 
-def verify_export_here(*, path: str | Path, sink: Sink = null_sink, cancel: CancelToken | None = None) -> Any:
+def verify_export_here(*, path: str | Path, source: str | Path | None = None, sink: Sink = null_sink,
+                       cancel: CancelToken | None = None) -> Any:
     """`verify_export` in this process (what its child process runs)."""
     from core.export.verify import verify_export as _verify
 
-    return _verify(Path(path), sink=sink, cancel=cancel)
+    return _verify(Path(path), source=Path(source) if source is not None else None, sink=sink, cancel=cancel)
+
+
+def recorded_source(output: str | Path) -> Path | None:
+    """The model folder a Quantscope output folder was made from, as its quantscope_report.json
+    records it (`model` from a quantization, `source` from a re-layout); None when the folder has
+    no report or the recorded folder is gone. Reads one small file: UI thread."""
+    import json
+
+    from core.output import REPORT_FILE
+
+    report = Path(output).expanduser() / REPORT_FILE
+    try:
+        doc = json.loads(report.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for key in ("model", "source"):
+        value = doc.get(key) if isinstance(doc, dict) else None
+        if isinstance(value, str) and value and Path(value).is_dir():
+            return Path(value)
+    return None
 
 
 def is_verify_mismatch(exc: object) -> bool:
@@ -328,7 +378,7 @@ COMPARE_STAGE = "before-after"  # one StageStarted per model evaluated (2 in all
 
 def evaluate_before_after(
     *, original: Path, quantized: Path, text: str = "builtin", seq_len: int = 256, windows: int = 8,
-    sink: Sink = null_sink, cancel: CancelToken | None = None,
+    device: str = "auto", sink: Sink = null_sink, cancel: CancelToken | None = None,
 ) -> dict[str, Any]:
     """Worker function: perplexity of the original and of the quantized model on the same
     windows, and the KL divergence of the quantized model's next-token distributions from the
@@ -336,13 +386,14 @@ def evaluate_before_after(
     quantization does (app.jobproc)."""
     from app.jobproc import run_in_child
 
-    kwargs = {"original": original, "quantized": quantized, "text": text, "seq_len": seq_len, "windows": windows}
+    kwargs = {"original": original, "quantized": quantized, "text": text, "seq_len": seq_len, "windows": windows,
+              "device": device}
     return run_in_child(evaluate_before_after_here, kwargs, sink=sink, cancel=cancel)
 
 
 def evaluate_before_after_here(
     *, original: Path, quantized: Path, text: str = "builtin", seq_len: int = 256, windows: int = 8,
-    sink: Sink = null_sink, cancel: CancelToken | None = None,
+    device: str = "auto", sink: Sink = null_sink, cancel: CancelToken | None = None,
 ) -> dict[str, Any]:
     """`evaluate_before_after` in this process (what its child process runs)."""
     from core.evaluate import evaluate
@@ -350,9 +401,9 @@ def evaluate_before_after_here(
     # Its own stage name: core.evaluate's windows are stage "evaluate", and the view tells the two
     # passes from the windows inside each by this.
     sink(StageStarted(COMPARE_STAGE, total=2, message=f"original {Path(original).name}"))
-    before = evaluate(original, text=text, seq_len=seq_len, windows=windows, sink=sink, cancel=cancel)
+    before = evaluate(original, text=text, seq_len=seq_len, windows=windows, device=device, sink=sink, cancel=cancel)
     sink(StageStarted(COMPARE_STAGE, total=2, message=f"quantized {Path(quantized).name}"))
-    after = evaluate(quantized, text=text, seq_len=seq_len, windows=windows, reference=original,
+    after = evaluate(quantized, text=text, seq_len=seq_len, windows=windows, reference=original, device=device,
                      sink=sink, cancel=cancel)
     ppl0, ppl1 = float(before["perplexity"]), float(after["perplexity"])
     return {
@@ -361,6 +412,7 @@ def evaluate_before_after_here(
         "perplexity_change_pct": (ppl1 / ppl0 - 1.0) * 100.0 if ppl0 else None,
         "kl_divergence": after.get("kl_divergence"),
         "seconds": float(before.get("seconds", 0.0)) + float(after.get("seconds", 0.0)),
+        "device": after.get("device", device),
     }
 
 

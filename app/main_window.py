@@ -20,6 +20,7 @@ from PySide6.QtWidgets import (
 
 import core
 from app import backend
+from app.device_picker import DevicePicker
 from app.gpu_picker import GpuPicker
 from app.model_picker import ModelPicker
 from app.resources import icon
@@ -332,9 +333,16 @@ class MainWindow(QMainWindow):
                          "seq_len": q.seq_len},
         }
 
+    def device_pickers(self) -> dict[str, DevicePicker]:
+        """The device pickers whose choice survives a restart, by settings key."""
+        return {"quantize": self.quantize_view.device_picker, "evaluate": self.results_view.device_picker}
+
     def save_controls(self) -> None:
         for name, widgets in self.persisted_controls().items():
             self.settings.set_group(name, widget_values(widgets))
+        # Only a choice the user made is kept: a picker still following the GPU panel keeps
+        # following it after a restart.
+        self.settings.set_device_choices({key: picker.saved_choice() for key, picker in self.device_pickers().items()})
 
     def _model_controls(self) -> dict[str, QWidget]:
         q = self.quantize_view
@@ -365,6 +373,11 @@ class MainWindow(QMainWindow):
     def restore_controls(self) -> None:
         for name, widgets in self.persisted_controls().items():
             apply_widget_values(widgets, self.settings.group(name))
+        saved = self.settings.device_choices()
+        for key, picker in self.device_pickers().items():
+            # A GPU that is no longer here (another machine, a card removed) leaves the default.
+            if key in saved:
+                picker.choose(saved[key])
 
     # ------------------------------------------------------------ shutdown
     def runners(self) -> list[TaskRunner]:

@@ -1,5 +1,5 @@
 """Persistent preferences (QSettings): theme, window state, recent models, the GPU choice, the
-Plan controls and the Quantize method settings."""
+Plan controls, the Quantize method settings and where jobs run (the device pickers)."""
 from __future__ import annotations
 
 import json
@@ -71,6 +71,14 @@ class AppSettings:
 
     def set_group(self, name: str, values: dict[str, Any]) -> None:
         self._s.setValue(f"controls/{name}", json.dumps(values))
+
+    def device_choices(self) -> dict[str, str]:
+        """{picker: device string} the user chose ("auto", "cpu", "cuda:N"); pickers left to follow
+        the GPU panel are absent. A picker ignores a device this machine does not offer."""
+        return {str(k): v for k, v in self.group("devices").items() if isinstance(v, str)}
+
+    def set_device_choices(self, choices: dict[str, str | None]) -> None:
+        self.set_group("devices", {k: v for k, v in choices.items() if v is not None})
 
 
 def model_key(path: str) -> str:

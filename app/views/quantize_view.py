@@ -45,6 +45,7 @@ from core.config import (
 from core.events import Finished, LayerDone, Log, MemorySample, Progress, StageStarted
 
 from app import backend
+from app.device_picker import QUANTIZE_AUTO_TIP, DevicePicker
 from app.help_text import TERMS, tip
 from app.resources import icon
 from app.state import AppState, ModelChoice
@@ -236,11 +237,13 @@ class QuantizeView(QWidget):
         self.export = QComboBox()
         self.export.setToolTip("Checkpoint layouts that can represent this method's output")
         self.overwrite = QCheckBox("overwrite an existing folder")
+        self.device_picker = DevicePicker(state, what="the quantization", auto_tip=QUANTIZE_AUTO_TIP)
         out_box = QGroupBox("Output")
         of = QFormLayout(out_box)
         of.addRow("Folder", out_row)
         of.addRow("Format", self.export)
         of.addRow("", self.overwrite)
+        of.addRow("Run on", self.device_picker)
         self.out_dir.textChanged.connect(self._update_run_state)
         self.overwrite.toggled.connect(self._update_run_state)
 
@@ -407,7 +410,7 @@ class QuantizeView(QWidget):
             raise ValueError("the output folder must differ from the model folder")
         export = self.export.currentData()
         return QuantJob(model=model.path, out=out_path, method=self.build_method_config(), calib=self.build_calib(),
-                        export=export, overwrite=self.overwrite.isChecked())
+                        export=export, overwrite=self.overwrite.isChecked(), device=self.device_picker.device())
 
     # ------------------------------------------------------------ run
     def run(self) -> bool:
@@ -435,7 +438,8 @@ class QuantizeView(QWidget):
         self.stage.setText("Starting…")
         self.eta.setText("")
         resumed = ", resuming the interrupted run" if job.resume else ""
-        self._append_log(f"quantize {job.model} → {job.out} ({job.method.method}, export {job.export or 'default'}{resumed})")
+        self._append_log(f"quantize {job.model} → {job.out} ({job.method.method}, export {job.export or 'default'}, "
+                         f"device {job.device}{resumed})")
         self.runner.start(backend.run_quantization, job=job)
         self.job_started.emit(job)
         self.status.emit(f"Quantizing {job.model.name} with {job.method.method}…")
@@ -573,8 +577,8 @@ class QuantizeView(QWidget):
                               f"job process and importing torch/transformers.\n{_fmt_seconds(seconds)}: the "
                               "engine's own time to read, calibrate, quantize and write the output.")
         self.eta.setText(f"peak RSS {getattr(result, 'peak_rss_gib', float('nan')):.2f} GiB")
-        self._append_log(f"finished: {len(self.plot.points)} linears, {wall:.1f} s wall time "
-                         f"({seconds:.1f} s in the engine), output {out}")
+        self._append_log(f"finished: {len(self.plot.points)} linears on {getattr(result, 'device', '?')}, "
+                         f"{wall:.1f} s wall time ({seconds:.1f} s in the engine), output {out}")
         self.status.emit(f"Quantized into {out}")
         self.job_finished.emit(result)
 
@@ -619,6 +623,7 @@ class QuantizeView(QWidget):
         self._update_run_state()
         self.cancel_button.setEnabled(running)
         self.method.setEnabled(not running)
+        self.device_picker.setEnabled(not running)
 
     def _append_log(self, line: str) -> None:
         self._queue_log(line)

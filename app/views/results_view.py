@@ -26,6 +26,7 @@ from PySide6.QtWidgets import (
 from core.events import Progress, StageStarted
 
 from app import backend
+from app.device_picker import EVALUATE_AUTO_TIP, DevicePicker
 from app.help_text import TERMS
 from app.report import build_report, write_report
 from app.resources import icon
@@ -72,6 +73,7 @@ class ResultsView(QWidget):
         self.windows.setValue(8)
         self.windows.setToolTip(TERMS["windows"])
         self.seq_len.setToolTip(TERMS["eval_seq_len"])
+        self.device_picker = DevicePicker(state, what="the evaluation", auto_tip=EVALUATE_AUTO_TIP)
         self.auto = QCheckBox("evaluate automatically after each job")
         self.auto.setChecked(True)
         self.eval_button = QPushButton(icon("run"), "Evaluate before / after")
@@ -103,6 +105,7 @@ class ResultsView(QWidget):
         controls.addWidget(QLabel("× tokens"))
         controls.addWidget(self.seq_len)
         mf.addRow(controls)
+        mf.addRow("Run on", self.device_picker)
         mf.addRow(self.auto)
         buttons = QHBoxLayout()
         buttons.addWidget(self.eval_button)
@@ -212,14 +215,23 @@ class ResultsView(QWidget):
         self.eval_progress.setFormat("starting the evaluation…")
         self.runner.start(backend.evaluate_before_after, original=Path(self.job.model),
                           quantized=Path(self.result.output), seq_len=self.seq_len.value(),
-                          windows=self.windows.value())
-        self.status.emit("Evaluating perplexity before and after…")
+                          windows=self.windows.value(), device=self.device_picker.device())
+        self.status.emit(f"Evaluating perplexity before and after ({self.device_picker.currentText()})…")
         return True
 
     # ------------------------------------------------------------ verify export
     def output_path(self) -> Path | None:
         out = getattr(self.result, "output", None)
         return Path(out) if out is not None else None
+
+    def source_path(self) -> Path | None:
+        """The model folder the output was made from: the job's model, else what the output's
+        report records. A GGUF's tokenization is checked against that folder's tokenizer."""
+        model = getattr(self.job, "model", None)
+        if model is not None and Path(model).is_dir():
+            return Path(model)
+        out = self.output_path()
+        return backend.recorded_source(out) if out is not None and out.is_dir() else None
 
     def verify(self) -> bool:
         """Load the written output with its real consumer on a worker thread (core.export.verify)."""
@@ -230,7 +242,7 @@ class ResultsView(QWidget):
         self.verify_report = None
         self.verification = None
         self._set_verify_state("", f"Verifying {out.name}: loading it with its consumer…")
-        self.verify_runner.start(backend.verify_export, path=out)
+        self.verify_runner.start(backend.verify_export, path=out, source=self.source_path())
         self.status.emit(f"Verifying the export in {out}…")
         return True
 
@@ -254,6 +266,8 @@ class ResultsView(QWidget):
                 f"tolerance {report.tolerance:.3g})<br>"
                 f"perplexity {report.ppl_loader:.3f} ({report.loader}) vs {report.ppl_quantscope:.3f} (Quantscope) "
                 f"on {report.tokens} tokens")
+        if getattr(report, "tokenizer_check", None):
+            text += f"<br>tokenization agrees with the source model's tokenizer ({report.tokenizer_check})"
         self._set_verify_state("ok" if report.ok else "error", text)
         self.status.emit(f"Export verified: {verdict} with {report.loader}")
         if not report.ok:
@@ -311,7 +325,7 @@ class ResultsView(QWidget):
         self.eval_progress.setRange(0, 1)
         self.eval_progress.setValue(1)
         wall = time.monotonic() - self._eval_t0
-        self.eval_progress.setFormat(f"done in {_fmt_seconds(wall)}")
+        self.eval_progress.setFormat(f"done in {_fmt_seconds(wall)} on {ev.get('device', '?')}")
         self.ppl_before.setText(f"{ev['perplexity_before']:.3f}")
         self.ppl_after.setText(f"{ev['perplexity_after']:.3f}")
         change = ev.get("perplexity_change_pct")
@@ -338,6 +352,7 @@ class ResultsView(QWidget):
     def _running_changed(self, running: bool) -> None:
         self.eval_button.setEnabled(not running and self.result is not None)
         self.eval_cancel.setEnabled(running)
+        self.device_picker.setEnabled(not running)
 
     # ------------------------------------------------------------ saving
     def report(self) -> dict[str, Any]:

@@ -44,7 +44,7 @@ def test_verify_failure_is_shown_as_an_error(window: Any, qtbot: Any, tiny_llama
     from app import backend
     from core.export.verify import VerifyError
 
-    def mismatch(*, path: Any, sink: Any, cancel: Any) -> Any:
+    def mismatch(*, path: Any, sink: Any, cancel: Any, source: Any = None) -> Any:
         raise VerifyError(f"{path}: logits differ by 3.5 (tolerance 0.01)")
 
     with qtbot.waitSignal(window.quantize_view.job_finished, timeout=120000):
@@ -114,3 +114,51 @@ def test_declining_resume_starts_afresh(window: Any, qtbot: Any, tiny_model_fact
     assert not q.last_job.resume
     assert out.is_dir()
     assert "reused from the interrupted run" not in q.log.toPlainText()
+
+
+def test_verify_passes_the_source_model_of_the_output(window: Any, qtbot: Any, tiny_llama_dir: Path,
+                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from app import backend
+
+    with qtbot.waitSignal(window.quantize_view.job_finished, timeout=120000):
+        _start_rtn(window, tiny_llama_dir, tmp_path / "tiny-rtn")
+    out = tmp_path / "tiny-rtn"
+    # The output's report records the folder it was made from, so a result without its job has it too.
+    assert backend.recorded_source(out) == tiny_llama_dir
+    seen: list[dict[str, Any]] = []
+
+    def capture(**kwargs: Any) -> Any:
+        seen.append(kwargs)
+        raise ValueError("not loaded in this test")
+
+    monkeypatch.setattr(backend, "verify_export", capture)
+    view = window.results_view
+    with qtbot.waitSignal(view.verify_runner.failed, timeout=60000):
+        assert view.verify()
+    assert Path(seen[-1]["source"]) == tiny_llama_dir and Path(seen[-1]["path"]) == out
+    view.job = SimpleNamespace()  # no job model: the report's record is used
+    with qtbot.waitSignal(view.verify_runner.failed, timeout=60000):
+        assert view.verify()
+    assert Path(seen[-1]["source"]) == tiny_llama_dir
+
+
+def test_verifying_a_gguf_checks_its_tokenization_against_the_source(window: Any, qtbot: Any, tiny_llama_dir: Path,
+                                                                     tmp_path: Path, dialogs: list) -> None:
+    from types import SimpleNamespace
+
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
+    from core.export.gguf import export_gguf
+
+    gguf = export_gguf(tiny_llama_dir, tmp_path / "tiny.gguf", "F16")
+    view = window.results_view
+    view.set_job(SimpleNamespace(model=tiny_llama_dir), SimpleNamespace(output=gguf, method="rtn", export="gguf"), [])
+    with qtbot.waitSignal(view.verify_runner.finished, timeout=180000) as blocker:
+        assert view.verify()
+    report = blocker.args[0]
+    assert report.ok and report.tokenizer_check  # None when the check was skipped for want of a source
+    assert "tokenization agrees" in view.verify_status.text()
+    assert view.verification["tokenizer_check"] == report.tokenizer_check
+    assert dialogs == []
