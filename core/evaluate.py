@@ -101,10 +101,14 @@ def evaluate(
     model, reference}. Cancellation is checked between batches of windows and raises Cancelled.
     """
     from core.loader import load_model
+    from core.output import check_output
 
     start = time.perf_counter()
     if text != BUILTIN and not Path(text).expanduser().is_file():
         raise ValueError(f"text file not found: {text} (use 'builtin' or a .txt/.jsonl file)")
+    for path in (model_path, reference):
+        if path is not None:
+            check_output(path)  # a Quantscope output damaged since it was written: one line, the file
     sink(StageStarted("load", message=f"loading {model_path}"))
     model, tokenizer = load_model(model_path)
     model.to(device)

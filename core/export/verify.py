@@ -169,9 +169,14 @@ def verify_export(
     reading of the export itself (for GGUF: Quantscope's GGUF reader). Raises `VerifyError` when
     the relative max logit difference or the perplexity gap exceeds the tolerance.
     """
+    from core.output import check_output
+
     path = Path(path).expanduser()
     if not path.exists():
         raise ValueError(f"export not found: {path}")
+    for p in (path, reference):
+        if p is not None:
+            check_output(p)  # bytes changed since Quantscope wrote them (DamagedOutput names the file)
     text = text or default_text()
     sink(StageStarted("verify", message=f"loading {path.name} with its consumer"))
     if path.is_file() or path.suffix == ".gguf":
