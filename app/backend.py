@@ -221,12 +221,11 @@ def quantize_here(*, job: Any, sink: Sink = null_sink, cancel: CancelToken | Non
 
 
 def _remove_partial(out: str | Path) -> None:
-    """The job's temporary output folder, which a killed job process could not remove itself."""
-    import shutil
+    """The job's temporary output folder, which a killed job process could not remove itself
+    (under the output's lock: left alone if another run already writes there)."""
+    from core.output import remove_partial
 
-    from core.output import partial_dir
-
-    shutil.rmtree(partial_dir(Path(out).expanduser()), ignore_errors=True)
+    remove_partial(out)
 
 
 def find_interrupted(out: str | Path) -> Any | None:

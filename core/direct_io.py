@@ -73,8 +73,9 @@ class DirectWriter:
             if self._fill == _STAGE_BYTES:
                 self._flush_stage()
 
-    def close(self) -> None:
-        """Write what is left (padded to a block, then truncated) and close the file."""
+    def close(self, fsync: bool = True) -> None:
+        """Write what is left (padded to a block, then truncated), fsync (unless told not to:
+        the caller syncs later) and close the file."""
         try:
             size = self._written + self._fill
             if self._fill:
@@ -83,6 +84,8 @@ class DirectWriter:
                 self._fill = padded
                 self._flush_stage()
             os.ftruncate(self._fd, size)
+            if fsync:
+                os.fsync(self._fd)  # the size, the file's metadata and the drive's write cache
         finally:
             self.abort()
 

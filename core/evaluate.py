@@ -103,6 +103,7 @@ def evaluate(
     """
     from core.devices import resolve_device
     from core.loader import load_model
+    from core.output import check_output
 
     device = str(resolve_device(device).device)
     start = time.perf_counter()
@@ -113,6 +114,9 @@ def evaluate(
         from core.model_io import open_model
 
         open_model(model_path, check_architecture=False)
+    for path in (model_path, reference):
+        if path is not None:
+            check_output(path)  # a Quantscope output damaged since it was written: one line, the file
     sink(StageStarted("load", message=f"loading {model_path}"))
     model, tokenizer = load_model(model_path)
     model.to(device)

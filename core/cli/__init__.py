@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
+import signal
 import sys
-from typing import Any
+import threading
+from typing import Any, Iterator
 
 from core import __version__
 
@@ -26,6 +29,40 @@ SUBCOMMANDS = {
 
 class UserError(Exception):
     """Bad input: printed as one line on stderr, exit code 2."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread like Ctrl-C's KeyboardInterrupt, so a job
+    stops the same way: its temporary output is removed and its lock released."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+# Signals that cancel a command as Ctrl-C does (a closed terminal, `kill`, a service stop).
+_CANCEL_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+@contextlib.contextmanager
+def _cancel_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise Terminated in the main thread while the command runs; repeats
+    are ignored while it cleans up. The previous handlers are restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        for s in _CANCEL_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        raise Terminated(signum)
+
+    previous = {s: signal.signal(s, handler) for s in _CANCEL_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def emit_json(doc: Any) -> None:
@@ -57,16 +94,30 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if args.command is None:
         args = parser.parse_args(["gui"])
+    # The desktop app keeps the default handlers: its job processes clean up after themselves.
+    signals = _cancel_on_signals() if args.command != "gui" else contextlib.nullcontext()
     try:
-        return int(args.func(args) or 0)
+        with signals:
+            return int(args.func(args) or 0)
     except (UserError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError, OSError) as exc:
         if args.verbose:
             raise
         print(f"quantscope {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated as exc:
+        _say(f"quantscope {args.command}: stopped by {exc}; nothing unfinished was left behind")
+        return 128 + exc.signum
     except KeyboardInterrupt:
-        print(f"quantscope {args.command}: interrupted", file=sys.stderr)
+        _say(f"quantscope {args.command}: interrupted; nothing unfinished was left behind")
         return 130
+
+
+def _say(line: str) -> None:
+    """A last line on stderr, which a closed terminal (SIGHUP) may no longer take."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

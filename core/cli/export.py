@@ -31,7 +31,9 @@ def register(subparsers: Any) -> None:
                    help="with --verify: the Quantscope model to compare against (default: --model for folders, "
                         "Quantscope's own GGUF reader for gguf)")
     p.add_argument("--tokens", type=int, default=128, help="with --verify: tokens of text to compare on (128)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output that Quantscope wrote (an empty folder, an earlier Quantscope "
+                        "output or .gguf; anything else is refused)")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.set_defaults(func=run)
 

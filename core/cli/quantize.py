@@ -43,7 +43,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--export", default=None, help="checkpoint layout (default: the method's usual layout; gptq when "
                    "the group size leaves a ragged last group in some linear)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output that Quantscope wrote (an empty folder or an earlier "
+                        "Quantscope output; anything else is refused)")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.add_argument("--strict", action="store_true",
                    help="refuse a model whose side files are damaged (a tokenizer.json that does not load) "

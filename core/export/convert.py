@@ -134,6 +134,24 @@ def iter_dequantized(
         yield from plain.items()
 
 
+def dequantized_shapes(model_dir: str | Path) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor `iter_dequantized` yields, in the same order, without
+    dequantizing: from the headers for a float folder, from the packed weights for a quantized
+    one (one decoder layer resident at a time). Lets a writer lay out a file before its data."""
+    src = open_model(model_dir)
+    src.require_weights()
+    exporter = detect_exporter(src.quantization_config) if src.quantization_config else None
+    shapes: list[tuple[str, tuple[int, ...]]] = []
+    for _, names in _layer_groups(src):
+        if exporter is None:
+            shapes += [(n, tuple(int(d) for d in src.tensors[n].shape)) for n in names]
+            continue
+        weights, plain = read_quantized_group(src, names, exporter)
+        shapes += [(f"{module}.weight", tuple(int(d) for d in q.shape)) for module, q in weights.items()]
+        shapes += [(n, tuple(int(d) for d in t.shape)) for n, t in plain.items()]
+    return shapes
+
+
 class _Stored:
     """What `write_quantized` and `relayout` gather while storing quantized linears in
     `exporter`'s layout, and the files that close the folder once every layer is written."""
@@ -189,8 +207,10 @@ def write_quantized(
     groups = list(_layer_groups(src))
     stored = _Stored(exporter, method_config, src.source_dtype)
     ignored: list[str] = []
+    output = OutputWriter(out, num_shards=len(groups), overwrite=overwrite, source=src.path)
+    output.check_target()
     sink(StageStarted("export", total=len(groups), message=f"writing {export_format}"))
-    with OutputWriter(out, num_shards=len(groups), overwrite=overwrite) as writer:
+    with output as writer:
         for index, (label, names) in enumerate(groups):
             check_cancel(cancel)
             tensors: dict[str, torch.Tensor] = {}
@@ -231,6 +251,9 @@ def relayout(
     reader = detect_exporter(src.quantization_config)
     exporter = get_exporter(export_format)
     groups = list(_layer_groups(src))
+    # The source guard, the --overwrite rules and the lock of every output (core.output).
+    output = OutputWriter(out, num_shards=len(groups), overwrite=overwrite, source=src.path)
+    output.check_target()
     # Judge the target layout on the first quantized layer, before anything is written.
     method_config = None
     for _, names in groups:
@@ -243,7 +266,7 @@ def relayout(
     stored = _Stored(exporter, method_config, src.source_dtype)
     ignored = [n for n in (src.quantization_config.get("ignore") or []) if not n.startswith("re:")]
     sink(StageStarted("export", total=len(groups), message=f"re-writing as {export_format}"))
-    with OutputWriter(out, num_shards=len(groups), overwrite=overwrite) as writer:
+    with output as writer:
         for index, (label, names) in enumerate(groups):
             check_cancel(cancel)
             weights, tensors = read_quantized_group(src, names, reader)

@@ -276,6 +276,13 @@ def _file_type(preset: str) -> Any:
     return getattr(gguf.LlamaFileType, name, None)
 
 
+# Quantscope's own header keys: the mark an --overwrite looks for, and the file's CRC-32 (taken
+# over the whole file with this value's 8 bytes read as "00000000"; written last, patched at the end).
+MARK_KEY = "quantscope.version"
+CRC_KEY = "quantscope.crc32"
+_CRC_BLANK = b"00000000"
+
+
 def export_gguf(
     model_dir: str | Path,
     out_file: str | Path,
@@ -286,69 +293,175 @@ def export_gguf(
     cancel: CancelToken | None = None,
 ) -> Path:
     """Write `model_dir` (float, or quantized in any layout Quantscope reads — dequantized first)
-    as a llama.cpp GGUF file. The file appears only when complete."""
+    as a llama.cpp GGUF file. The file is written once, as a temporary file beside `out_file`
+    under the output's lock (core.output.OutputFile), and appears only when complete."""
     import gguf
 
-    from core.export.convert import iter_dequantized
+    from core.export.convert import dequantized_shapes, iter_dequantized
     from core.model_io import open_model
+    from core.output import OutputFile, package_versions
 
     if preset not in PRESETS:
         raise ValueError(f"unknown GGUF preset {preset!r}; choose one of {', '.join(PRESETS)}")
     out_file = Path(out_file).expanduser().absolute()
     if out_file.suffix != ".gguf":
         raise ValueError(f"GGUF output must be a .gguf file path, got {out_file}")
-    if out_file.exists() and not overwrite:
-        raise ValueError(f"{out_file} already exists; pass --overwrite to replace it")
-    if not out_file.parent.is_dir():
-        raise ValueError(f"folder {out_file.parent} does not exist; create it first")
     src = open_model(model_dir)
+    output = OutputFile(out_file, overwrite=overwrite, source=src.path, is_ours=is_quantscope_gguf)
+    output.check_target()
     src.require_weights()
     dims = LlamaDims.from_config(src.config)
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, dims.n_layers)
-    tmp = out_file.with_name(f".{out_file.name}.partial")
-    writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA], use_temp_file=True)
-    total = len(src.tensors)
-    sink(StageStarted("gguf", total=total, message=f"writing {out_file.name} ({preset})"))
-    try:
-        _add_architecture(writer, dims, Path(src.path).name)
-        file_type = _file_type(preset)
-        if file_type is not None:
-            writer.add_file_type(int(file_type))
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        _add_tokenizer(writer, src.path, dims.vocab)
-        done = 0
-        counts: dict[str, int] = {}
-        for hf_name, tensor in iter_dequantized(src.path, cancel=cancel):
-            check_cancel(cancel)
-            if hf_name.endswith("rotary_emb.inv_freq"):
-                continue
-            gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-            if gguf_name is None:
-                raise ValueError(f"no GGUF name for tensor {hf_name} of a Llama model")
-            data = tensor.float().numpy()
-            if hf_name.endswith("q_proj.weight"):
-                data = permute_rope(data, dims.n_head)
-            elif hf_name.endswith("k_proj.weight"):
-                data = permute_rope(data, dims.n_head_kv)
-            type_name = resolve_type(preset, gguf_name, data.shape, dims.n_layers)
-            stored = encode(data, type_name)
-            qtype = getattr(gguf.GGMLQuantizationType, type_name)
-            raw = qtype if type_name not in ("F32", "F16") else None
-            writer.add_tensor(gguf_name, stored, raw_dtype=raw)
-            counts[type_name] = counts.get(type_name, 0) + 1
-            done += 1
-            sink(Progress("gguf", done, total, gguf_name))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, out_file)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    _add_architecture(writer, dims, Path(src.path).name)
+    file_type = _file_type(preset)
+    if file_type is not None:
+        writer.add_file_type(int(file_type))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _add_tokenizer(writer, src.path, dims.vocab)
+    # Every tensor's name, shape and type first (from the headers, or the packed codes of a
+    # quantized folder), so the header is written before the data and the data streams to the
+    # file once, one tensor at a time.
+    plan = _tensor_plan(dequantized_shapes(src.path), preset, dims, name_map)
+    for gguf_name, shape, type_name, nbytes in plan:
+        raw = getattr(gguf.GGMLQuantizationType, type_name) if type_name not in ("F32", "F16") else None
+        writer.add_tensor_info(gguf_name, shape, np.dtype(np.float16 if type_name == "F16" else np.float32),
+                               nbytes, raw_dtype=raw)
+    writer.add_string(MARK_KEY, package_versions().get("quantscope") or "unknown")
+    writer.add_string(CRC_KEY, _CRC_BLANK.decode())  # last: its value ends the key-value section
+    sink(StageStarted("gguf", total=len(plan), message=f"writing {out_file.name} ({preset})"))
+    counts: dict[str, int] = {}
+    with output:
+        try:
+            _write_gguf(writer, output.tmp, plan, iter_dequantized(src.path, cancel=cancel), dims, counts, sink,
+                        cancel)
+        finally:
+            writer.close()
+        output.commit()
     sink(Log("info", "GGUF tensor types: " + ", ".join(f"{k} ×{v}" for k, v in sorted(counts.items()))))
     return out_file
+
+
+def _tensor_plan(shapes: list[tuple[str, tuple[int, ...]]], preset: str, dims: LlamaDims,
+                 name_map: Any) -> list[tuple[str, tuple[int, ...], str, int]]:
+    """(GGUF name, shape, type, stored bytes) of each tensor, in the order they are written."""
+    import gguf
+
+    plan = []
+    for hf_name, shape in shapes:
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            continue
+        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise ValueError(f"no GGUF name for tensor {hf_name} of a Llama model")
+        type_name = resolve_type(preset, gguf_name, shape, dims.n_layers)
+        numel = int(np.prod(shape)) if shape else 1
+        if type_name in ("F32", "F16"):
+            nbytes = numel * (4 if type_name == "F32" else 2)
+        else:
+            block, size = gguf.GGML_QUANT_SIZES[getattr(gguf.GGMLQuantizationType, type_name)]
+            nbytes = numel // block * size
+        plan.append((gguf_name, tuple(shape), type_name, nbytes))
+    return plan
+
+
+def _write_gguf(writer: Any, path: Path, plan: list[tuple[str, tuple[int, ...], str, int]], tensors: Any,
+                dims: LlamaDims, counts: dict[str, int], sink: Sink, cancel: CancelToken | None) -> None:
+    """Header, key-values and tensor infos through gguf-py, then each tensor's bytes as it is
+    encoded (aligned as gguf-py aligns them); then the file's CRC-32 into its header slot."""
+    import zlib
+
+    writer.write_header_to_file(path=path)
+    writer.write_kv_data_to_file()
+    if list(writer.kv_data[0])[-1] != CRC_KEY:
+        raise RuntimeError("the checksum must be the last GGUF key-value")
+    f = writer.fout[0]
+    crc_at = f.tell() - len(_CRC_BLANK)
+    writer.write_ti_data_to_file()
+    f.flush()
+    with open(path, "rb") as head:
+        crc = zlib.crc32(head.read(f.tell()))
+    align = writer.data_alignment
+
+    def put(data: bytes | memoryview) -> None:
+        nonlocal crc
+        f.write(data)
+        crc = zlib.crc32(data, crc)
+
+    put(bytes(-f.tell() % align))
+    expected = iter(plan)
+    done = 0
+    for hf_name, tensor in tensors:
+        check_cancel(cancel)
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            continue
+        gguf_name, shape, type_name, nbytes = next(expected, (None, None, None, None))
+        data = tensor.float().numpy()
+        if tuple(data.shape) != shape:
+            raise RuntimeError(f"{hf_name}: shape {tuple(data.shape)} read, {shape} planned for {gguf_name}")
+        if hf_name.endswith("q_proj.weight"):
+            data = permute_rope(data, dims.n_head)
+        elif hf_name.endswith("k_proj.weight"):
+            data = permute_rope(data, dims.n_head_kv)
+        stored = np.ascontiguousarray(encode(data, type_name))
+        if stored.nbytes != nbytes:
+            raise RuntimeError(f"{gguf_name}: {stored.nbytes} bytes encoded as {type_name}, {nbytes} planned")
+        put(memoryview(stored).cast("B"))
+        put(bytes(-nbytes % align))
+        counts[type_name] = counts.get(type_name, 0) + 1
+        done += 1
+        sink(Progress("gguf", done, len(plan), gguf_name))
+    if done != len(plan):
+        raise RuntimeError(f"{done} tensors written, {len(plan)} planned")
+    f.seek(crc_at)
+    f.write(f"{crc:08x}".encode())
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def is_quantscope_gguf(path: Path) -> bool:
+    """Whether `path` is a GGUF file Quantscope wrote (its header carries MARK_KEY)."""
+    try:
+        import gguf
+
+        return MARK_KEY in gguf.GGUFReader(str(path)).fields
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours
+        return False
+
+
+def gguf_damage(path: Path) -> str | None:
+    """Why the GGUF file Quantscope wrote at `path` no longer holds the bytes it wrote (one line
+    naming the file), or None (intact, or a GGUF without Quantscope's checksum)."""
+    import zlib
+
+    import gguf
+
+    again = "export it again"
+    try:
+        field = gguf.GGUFReader(str(path)).fields.get(CRC_KEY)
+    except Exception as exc:  # noqa: BLE001 - gguf-py raises plain ValueErrors and others
+        with open(path, "rb") as f:
+            ours = CRC_KEY.encode() in f.read(64 << 20)  # the key-values come first
+        if not ours:
+            return None  # not Quantscope's: the loader says what is wrong with it
+        return f"{path} is damaged: not a readable GGUF file any more ({exc}); {again}"
+    if field is None:
+        return None
+    end = field.offset + sum(int(p.nbytes) for p in field.parts)
+    start = end - len(_CRC_BLANK)
+    stored = bytes(field.parts[-1]).decode("ascii", "replace")
+    crc = 0
+    with open(path, "rb") as f:
+        pos = 0
+        for block in iter(lambda: f.read(1 << 22), b""):
+            if pos < end and pos + len(block) > start:  # the checksum's own bytes read as blanks
+                a, b = max(start - pos, 0), min(end - pos, len(block))
+                block = block[:a] + _CRC_BLANK[a + pos - start:b + pos - start] + block[b:]
+            crc = zlib.crc32(block, crc)
+            pos += len(block)
+    if f"{crc:08x}" != stored:
+        return f"{path} is damaged: its CRC-32 differs from the one Quantscope recorded in it; {again}"
+    return None
 
 
 # --- reading back --------------------------------------------------------------------------------

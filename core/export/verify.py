@@ -216,9 +216,14 @@ def verify_export(
     GGUF's own tokenization must reproduce (default: `reference`; with neither the check is skipped
     and the report's `tokenizer_check` is None).
     """
+    from core.output import check_output
+
     path = Path(path).expanduser()
     if not path.exists():
         raise ValueError(f"export not found: {path}")
+    for p in (path, reference):
+        if p is not None:
+            check_output(p)  # bytes changed since Quantscope wrote them (DamagedOutput names the file)
     text = text or default_text()
     sink(StageStarted("verify", message=f"loading {path.name} with its consumer"))
     tokenizer_check = None

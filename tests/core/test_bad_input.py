@@ -134,8 +134,13 @@ def test_existing_output_is_refused_unless_overwrite(tiny_llama_dir: Path, tmp_p
                capsys, "already exists; pass --overwrite")
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    # --overwrite replaces only what Quantscope wrote (issue 13 item 2; tests/core/test_output_safety.py)
+    with pytest.raises(ValueError, match=r"holds 1 file that Quantscope did not write \(mine.txt\)"):
+        run_quantization(QuantJob(tiny_llama_dir, out, RTNConfig(), overwrite=True))
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    (out / "mine.txt").unlink()
     run_quantization(QuantJob(tiny_llama_dir, out, RTNConfig(), overwrite=True))
-    assert not (out / "mine.txt").exists() and (out / "config.json").is_file()
+    assert (out / "config.json").is_file()
 
 
 def test_ragged_group_size_is_refused_by_compressed_tensors_with_the_fix(tiny_llama_dir: Path, tmp_path: Path,

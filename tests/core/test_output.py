@@ -33,7 +33,10 @@ def test_nothing_appears_at_target_until_finish(tmp_path: Path) -> None:
     names = sorted(p.name for p in target.iterdir())
     assert names == ["config.json", "generation_config.json", "model-00001-of-00002.safetensors",
                      "model-00002-of-00002.safetensors", "model.safetensors.index.json",
-                     "quantscope_report.json", "tokenizer.json"]
+                     "quantscope_manifest.json", "quantscope_report.json", "tokenizer.json"]
+    manifest = json.loads((target / "quantscope_manifest.json").read_text())["files"]
+    assert sorted(manifest) == [n for n in names if n != "quantscope_manifest.json"]
+    assert all(manifest[n]["size"] == (target / n).stat().st_size for n in manifest)
     index = json.loads((target / "model.safetensors.index.json").read_text())
     assert index["weight_map"] == {"a.weight": "model-00001-of-00002.safetensors",
                                    "b.weight": "model-00002-of-00002.safetensors"}
@@ -54,15 +57,18 @@ def test_existing_output_is_refused_without_overwrite_and_left_untouched(tmp_pat
     assert not partial_dir(target).exists()
 
 
-def test_overwrite_replaces_the_whole_folder(tmp_path: Path) -> None:
+def test_overwrite_replaces_the_whole_of_an_earlier_output(tmp_path: Path) -> None:
     target = tmp_path / "out"
-    target.mkdir()
-    (target / "stale.safetensors").write_text("old")
+    with OutputWriter(target, num_shards=3) as w:  # an earlier output with three shards
+        for i in range(3):
+            w.write_shard(i, {f"t{i}": torch.zeros(2)})
+        w.finish(config={}, report={}, source=tmp_path)
+    stale = target / "model-00003-of-00003.safetensors"
     with OutputWriter(target, num_shards=2, overwrite=True) as w:
         _fill(w)
-        assert (target / "stale.safetensors").exists()  # old output intact while writing
+        assert stale.exists()  # old output intact while writing
         w.finish(config={}, report={}, source=tmp_path)
-    assert not (target / "stale.safetensors").exists()
+    assert not stale.exists()
     assert (target / "model-00001-of-00002.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
@@ -95,7 +101,9 @@ def test_journal_lets_a_resume_find_finished_layers(tmp_path: Path) -> None:
     w.__enter__()
     name = w.write_shard(1, {"model.layers.0.x": torch.zeros(2)})
     w.record_layer(0, [{"name": "model.layers.0.q", "mse": 1e-3}], name)
-    # simulate a crash: the temporary folder stays, a resuming writer picks it up
+    # simulate a crash: the temporary folder stays (the kernel drops a dead process's lock), a
+    # resuming writer picks it up
+    w._lock.release()
     resumed = OutputWriter(target, num_shards=3, resume=True)
     with resumed:
         done = resumed.finished_layers()

@@ -40,6 +40,11 @@ def test_corrupted_export_is_an_error_not_a_warning(tiny_llama_dir, tmp_path):
     key = next(k for k in tensors if k.endswith("q_proj.weight_scale"))
     tensors[key] = tensors[key] * 3
     save_file(tensors, str(shard), metadata={"format": "pt"})
+    from core.output import MANIFEST_FILE, DamagedOutput
+
+    with pytest.raises(DamagedOutput, match=f"{shard.name} is damaged"):  # its checksum, before any loading
+        verify_export(out, reference=intact, tokens=48)
+    (out / MANIFEST_FILE).unlink()  # without the checksums, the logits catch it
     with pytest.raises(VerifyError, match="does not match Quantscope's model"):
         verify_export(out, reference=intact, tokens=48)
 
