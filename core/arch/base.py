@@ -38,10 +38,42 @@ class ArchAdapter:
     scales_embeddings: bool = False
     # The rotary module takes the layer type (Gemma 3: a local base frequency for sliding layers).
     rotary_per_layer_type: bool = False
+    # Norms of a decoder layer (relative names); Gemma adds pre/post-feedforward norms.
+    norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
+    # Fused linears as stored (Phi-3): one qkv_proj for q/k/v, one gate_up_proj for gate/up.
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
     # On-disk names (the Hugging Face layout, which is also what loaders of the outputs expect).
     embed_name: str = "model.embed_tokens.weight"
     layers_prefix: str = "model.layers."
     head_prefixes: tuple[str, ...] = ("lm_head.", "model.norm.")
+
+    def layer_shapes(self, hidden: int, heads: int, kv_heads: int, head_dim: int, inter: int
+                     ) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+        """(required, optional) tensor shapes of one decoder layer, by name relative to the
+        layer; optional ones (biases, q/k norms) are checked when stored."""
+        H, q, kv = hidden, heads * head_dim, kv_heads * head_dim
+        required: dict[str, tuple[int, ...]] = {f"{n}.weight": (H,) for n in self.norms}
+        optional: dict[str, tuple[int, ...]] = {"self_attn.q_norm.weight": (head_dim,),
+                                                "self_attn.k_norm.weight": (head_dim,),
+                                                "self_attn.o_proj.bias": (H,), "mlp.down_proj.bias": (H,)}
+        if self.fused_qkv:
+            required["self_attn.qkv_proj.weight"] = (q + 2 * kv, H)
+            optional["self_attn.qkv_proj.bias"] = (q + 2 * kv,)
+        else:
+            for name, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+                required[f"self_attn.{name}.weight"] = (rows, H)
+                optional[f"self_attn.{name}.bias"] = (rows,)
+        required["self_attn.o_proj.weight"] = (H, q)
+        if self.fused_gate_up:
+            required["mlp.gate_up_proj.weight"] = (2 * inter, H)
+            optional["mlp.gate_up_proj.bias"] = (2 * inter,)
+        else:
+            for name in ("gate_proj", "up_proj"):
+                required[f"mlp.{name}.weight"] = (inter, H)
+                optional[f"mlp.{name}.bias"] = (inter,)
+        required["mlp.down_proj.weight"] = (H, inter)
+        return required, optional
 
     def embed_scale(self, hf_config: Any) -> torch.Tensor | None:
         """The float32 factor the embeddings are multiplied by, as transformers computes it

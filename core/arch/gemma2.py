@@ -14,4 +14,6 @@ ADAPTER = ArchAdapter(
     norm_offset=1.0,
     attn_implementation="eager",
     scales_embeddings=True,
+    norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+           "post_feedforward_layernorm"),
 )

@@ -11,4 +11,6 @@ ADAPTER = ArchAdapter(
     norm_offset=1.0,
     scales_embeddings=True,
     rotary_per_layer_type=True,
+    norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+           "post_feedforward_layernorm"),
 )

@@ -10,4 +10,6 @@ ADAPTER = ArchAdapter(
     family="Phi-3/Phi-4",
     architectures=("Phi3ForCausalLM",),
     sequential=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+    fused_qkv=True,
+    fused_gate_up=True,
 )
