@@ -159,7 +159,7 @@ def test_output_evaluates_plans_and_inspects(family_dir: Path, tmp_path: Path, c
     for folder in (family_dir, result.output):
         assert main(["plan", "--model", str(folder), "--gpu", "rtx-4090", "--json"]) == 0
         plan = json.loads(capsys.readouterr().out)
-        assert plan["formats"] and all(f["weights_gib"] > 0 for f in plan["formats"])
+        assert plan["formats"] and all(f["fits"] and f["gpu_layers"] > 0 for f in plan["formats"])
         assert main(["inspect", "--model", str(folder), "--json"]) == 0
         json.loads(capsys.readouterr().out)
 
