@@ -171,3 +171,43 @@ def test_moe_and_multimodal_are_refused_with_the_supported_families(tmp_path: Pa
         (folder / "config.json").write_text(json.dumps({"architectures": [arch], "num_hidden_layers": 2}))
         with pytest.raises(ValueError, match=r"unsupported architecture: .*Gemma 2, Gemma 3 \(text\), Phi-3/Phi-4"):
             open_model(folder)
+
+
+def test_folding_a_scale_into_a_gemma_norm_keeps_the_layer_function(family_dir: Path, ids: torch.Tensor) -> None:
+    from core.arch import adapter_for
+    from core.methods.capture import InputGroup
+    from core.methods.folding import fold, producer_of
+
+    src = open_model(family_dir)
+    model, hf_config = meta_model(src)
+    calib = embed_calibration(src, ids, model, hf_config)
+    layer = model.model.layers[0]
+    materialise(layer, src.layer_prefix(0), src.load_tensors(src.layer_tensor_names(0)), src)
+    forward = calib.forward_fn(layer, 0)
+    before = forward(calib.hidden[0])
+    attn = ["self_attn.qkv_proj"] if hasattr(layer.self_attn, "qkv_proj") else \
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    producer = producer_of(layer, InputGroup(attn, attn, "input_layernorm"),
+                           adapter_for(src.architecture).norm_offset)
+    s = torch.rand(hf_config.hidden_size, generator=torch.Generator().manual_seed(0)) * 3 + 0.25
+    fold(layer, InputGroup(attn, attn, "input_layernorm"), producer, s)
+    after = forward(calib.hidden[0])
+    assert float((after - before).abs().max()) <= 1e-4 * float(before.abs().max())
+
+
+@pytest.mark.parametrize("method", ["awq", "smoothquant"])
+def test_scaling_methods_quantize_and_load(family_dir: Path, tmp_path: Path, ids: torch.Tensor, method: str) -> None:
+    from core.config import AWQConfig, SmoothQuantConfig
+
+    calib = CalibConfig(samples=8, seq_len=SEQ)
+    cfg = AWQConfig(bits=4, group_size=32, sym=True, grid=10) if method == "awq" else SmoothQuantConfig()
+    result = run_quantization(QuantJob(family_dir, tmp_path / method, cfg, calib=calib))
+    ref, _ = _layer_outputs(family_dir, ids)
+    got, _ = _layer_outputs(result.output, ids)
+    rel = float((got - ref).norm() / ref.norm())
+    if method == "awq":
+        rtn = run_quantization(QuantJob(family_dir, tmp_path / "rtn", RTNConfig(bits=4, group_size=32)))
+        base, _ = _layer_outputs(rtn.output, ids)
+        assert rel < float((base - ref).norm() / ref.norm())
+    else:
+        assert rel < 0.1, rel
