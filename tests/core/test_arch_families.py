@@ -211,3 +211,23 @@ def test_scaling_methods_quantize_and_load(family_dir: Path, tmp_path: Path, ids
         assert rel < float((base - ref).norm() / ref.norm())
     else:
         assert rel < 0.1, rel
+
+
+@pytest.mark.parametrize("export", ["compressed-tensors", "gptq", "awq", "bitsandbytes"])
+def test_each_export_verifies_in_its_consumer(family_dir: Path, tmp_path: Path, export: str) -> None:
+    from core.config import FourBitConfig
+    from core.export.verify import verify_export
+
+    cfg = FourBitConfig() if export == "bitsandbytes" else RTNConfig(bits=4, group_size=32, sym=export != "awq")
+    result = run_quantization(QuantJob(family_dir, tmp_path / export, cfg, export=export))
+    assert result.export == export
+    report = verify_export(result.output, tokens=48)
+    assert report.ok and report.rel_logit_diff <= 1e-5, (report.loader, report.rel_logit_diff)
+
+
+def test_gguf_export_refuses_the_family_with_one_line(family_dir: Path, tmp_path: Path) -> None:
+    from core.export.gguf import export_gguf
+
+    with pytest.raises(ValueError, match="GGUF export supports LlamaForCausalLM, MistralForCausalLM"):
+        export_gguf(family_dir, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
