@@ -195,12 +195,13 @@ def test_folding_a_scale_into_a_gemma_norm_keeps_the_layer_function(family_dir: 
     assert float((after - before).abs().max()) <= 1e-4 * float(before.abs().max())
 
 
-@pytest.mark.parametrize("method", ["awq", "smoothquant"])
-def test_scaling_methods_quantize_and_load(family_dir: Path, tmp_path: Path, ids: torch.Tensor, method: str) -> None:
-    from core.config import AWQConfig, SmoothQuantConfig
+@pytest.mark.parametrize("method", ["awq", "smoothquant", "llm_int8"])
+def test_calibrated_methods_quantize_and_load(family_dir: Path, tmp_path: Path, ids: torch.Tensor, method: str) -> None:
+    from core.config import AWQConfig, LLMInt8Config, SmoothQuantConfig
 
     calib = CalibConfig(samples=8, seq_len=SEQ)
-    cfg = AWQConfig(bits=4, group_size=32, sym=True, grid=10) if method == "awq" else SmoothQuantConfig()
+    cfg = {"awq": AWQConfig(bits=4, group_size=32, sym=True, grid=10), "smoothquant": SmoothQuantConfig(),
+           "llm_int8": LLMInt8Config()}[method]
     result = run_quantization(QuantJob(family_dir, tmp_path / method, cfg, calib=calib))
     ref, _ = _layer_outputs(family_dir, ids)
     got, _ = _layer_outputs(result.output, ids)
