@@ -214,13 +214,16 @@ def test_calibrated_methods_quantize_and_load(family_dir: Path, tmp_path: Path, 
         assert rel < 0.1, rel
 
 
-@pytest.mark.parametrize("export", ["compressed-tensors", "gptq", "awq", "bitsandbytes"])
+@pytest.mark.parametrize("export", ["compressed-tensors", "fp8", "gptq", "awq", "bitsandbytes"])
 def test_each_export_verifies_in_its_consumer(family_dir: Path, tmp_path: Path, export: str) -> None:
-    from core.config import FourBitConfig
+    from core.config import FourBitConfig, FP8Config
     from core.export.verify import verify_export
 
-    cfg = FourBitConfig() if export == "bitsandbytes" else RTNConfig(bits=4, group_size=32, sym=export != "awq")
-    result = run_quantization(QuantJob(family_dir, tmp_path / export, cfg, export=export))
+    cfg = {"bitsandbytes": FourBitConfig(), "fp8": FP8Config()}.get(
+        export, RTNConfig(bits=4, group_size=32, sym=export != "awq"))
+    if export == "fp8":
+        export = "compressed-tensors"  # FP8 E4M3 weights in the compressed-tensors float layout
+    result = run_quantization(QuantJob(family_dir, tmp_path / str(cfg.method), cfg, export=export))
     assert result.export == export
     report = verify_export(result.output, tokens=48)
     assert report.ok and report.rel_logit_diff <= 1e-5, (report.loader, report.rel_logit_diff)
