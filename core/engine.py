@@ -37,6 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from core import buffers, devices, native
+from core.arch import ArchAdapter, adapter_for
+from core.arch.base import FULL_ATTENTION
+from core.arch.llama import ADAPTER as LLAMA
 from core.config import Granularity, QuantJob
 from core.events import (
     CancelToken,
@@ -66,12 +69,10 @@ log = logging.getLogger(__name__)
 
 GIB = 2**30
 
-# True-sequential order inside a decoder layer: attention inputs, attention output, MLP inputs,
-# MLP output. Linears with other names follow in module order.
-_SEQUENTIAL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-# Tensors written after the decoder layers (the rest of the non-layer tensors go first).
-_HEAD_PREFIXES = ("lm_head.", "model.norm.")
+# True-sequential order inside a Llama-like decoder layer: attention inputs, attention output, MLP
+# inputs, MLP output. Each family's adapter (core.arch) gives its own; linears with other names
+# follow in module order.
+_SEQUENTIAL = LLAMA.sequential
 
 # Weight-error measurement: exact float64 up to this many elements, float32 row chunks above.
 _METRIC_EXACT_NUMEL = 1 << 22
@@ -267,9 +268,10 @@ def _load_exporter(name: str, method_config: Any) -> Any:
     return exporter
 
 
-def _ordered_linears(layer: nn.Module) -> list[tuple[str, nn.Linear]]:
+def _ordered_linears(layer: nn.Module, sequential: tuple[str, ...] = _SEQUENTIAL) -> list[tuple[str, nn.Linear]]:
+    """The layer's linears in execution order (`sequential`: leaf names, from the family's adapter)."""
     found = [(n, m) for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
-    rank = {s: i for i, s in enumerate(_SEQUENTIAL)}
+    rank = {s: i for i, s in enumerate(sequential)}
     return sorted(found, key=lambda nm: rank.get(nm[0].rsplit(".", 1)[-1], len(rank)))
 
 
@@ -417,24 +419,37 @@ class Calibration:
     """Hidden states entering the current layer, plus what a layer forward needs.
 
     The states live on `device` when `resident`, else in host memory (pinned for CUDA) and reach
-    the device one batch at a time; `hidden` hands methods a sequence of device tensors either way."""
+    the device one batch at a time; `hidden` hands methods a sequence of device tensors either way.
+
+    Each attention type of the family (`arch.layer_types(hf_config)`: global, sliding-window) gets
+    its own rotary table (from the model's rotary module, per type where the family has one per
+    type) and its own mask, and each layer is called with those of its type, as the full model
+    does. Without `hf_config` every layer is a global-attention layer."""
 
     def __init__(self, hidden: list[torch.Tensor], rotary: nn.Module, seq_len: int,
-                 device: torch.device | None = None, resident: bool = True) -> None:
+                 device: torch.device | None = None, resident: bool = True, *,
+                 arch: ArchAdapter = LLAMA, hf_config: Any = None) -> None:
         self.device = device if device is not None else hidden[0].device
         self.resident = resident
         self._hidden: list[torch.Tensor] = []
         self.hidden = hidden
-        # Positions, rotary tables and mask are built on the CPU (the same numbers on every
+        self.layer_types = arch.layer_types(hf_config) if hf_config is not None else []
+        # Positions, rotary tables and masks are built on the CPU (the same numbers on every
         # device) and moved once.
         positions = torch.arange(seq_len, device="cpu")[None]
-        with torch.no_grad():
-            cos, sin = rotary(hidden[0][:1].to("cpu"), positions)
         self.position_ids = positions.to(self.device)
-        self.position_embeddings = (cos.float().to(self.device), sin.float().to(self.device))
         # Additive causal mask: explicit, so no attention backend's default matters.
-        mask = torch.full((seq_len, seq_len), torch.finfo(torch.float32).min, device="cpu").triu(1)
-        self.mask = mask[None, None].to(self.device)
+        causal = torch.full((seq_len, seq_len), torch.finfo(torch.float32).min, device="cpu").triu(1)
+        self._per_type: dict[str, tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
+        for layer_type in sorted(set(self.layer_types)) or [FULL_ATTENTION]:
+            with torch.no_grad():
+                cos, sin = arch.position_embeddings(rotary, hidden[0][:1].to("cpu"), positions, layer_type)
+            window = arch.window(hf_config, layer_type) if hf_config is not None else None
+            mask = causal if window is None or window >= seq_len else _sliding_window_mask(seq_len, window)
+            self._per_type[layer_type] = ((cos.float().to(self.device), sin.float().to(self.device)),
+                                          mask[None, None].to(self.device))
+        first = self.layer_types[0] if self.layer_types else FULL_ATTENTION
+        self.position_embeddings, self.mask = self._per_type[first]
 
     @property
     def hidden(self) -> Sequence[torch.Tensor]:
@@ -464,20 +479,36 @@ class Calibration:
     def nbytes(self) -> int:
         return sum(h.numel() * h.element_size() for h in self._hidden)
 
-    def forward_fn(self, layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    def forward_fn(self, layer: nn.Module, index: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Layer `index` (default: the index transformers gave its attention) run on one batch."""
+        if index is None:
+            index = int(getattr(getattr(layer, "self_attn", None), "layer_idx", 0) or 0)
+        layer_type = self.layer_types[index] if index < len(self.layer_types) else FULL_ATTENTION
+        (cos, sin), mask = self._per_type.get(layer_type, (self.position_embeddings, self.mask))
+
         def forward(hidden: torch.Tensor) -> torch.Tensor:
             s = hidden.shape[1]
-            cos, sin = self.position_embeddings
             with torch.no_grad():
                 out = layer(
                     hidden.to(self.device, non_blocking=True),
-                    attention_mask=self.mask[:, :, :s, :s],
+                    attention_mask=mask[:, :, :s, :s],
                     position_ids=self.position_ids[:, :s],
                     position_embeddings=(cos[:, :s], sin[:, :s]),
                 )
             return out[0] if isinstance(out, tuple) else out
 
         return forward
+
+
+def _sliding_window_mask(seq_len: int, window: int) -> torch.Tensor:
+    """Additive [seq, seq] mask of a sliding-window causal layer, from transformers' own mask
+    function (a query sees the `window` positions ending at itself)."""
+    from transformers.masking_utils import sliding_window_causal_mask_function
+
+    q = torch.arange(seq_len)[:, None]
+    kv = torch.arange(seq_len)[None, :]
+    allowed = sliding_window_causal_mask_function(window)(0, 0, q, kv)
+    return torch.zeros(seq_len, seq_len).masked_fill(~allowed, torch.finfo(torch.float32).min)
 
 
 def _build_calibration(job: QuantJob, src: ModelSource, model: nn.Module, hf_config: Any,
@@ -516,29 +547,39 @@ def embed_calibration(src: ModelSource, ids: torch.Tensor, model: nn.Module, hf_
     the CPU (a lookup); the states then live on `device` (default: the CPU) when twice their size
     (a layer's inputs and outputs) fits `device_budget` bytes (None: no limit), else in pinned
     host memory."""
-    embed_name = "model.embed_tokens.weight"
+    arch = adapter_for(src.architecture)
+    embed_name = arch.embed_name
     emb = src.load_tensors([embed_name])[embed_name]
     _check_finite(embed_name, emb, src)
     emb = emb.float()
+    scale = arch.embed_scale(hf_config)  # Gemma: sqrt(hidden), in float32 as transformers has it
     per_batch = max(1, _CALIB_TOKENS_PER_BATCH // ids.shape[1])
     with torch.no_grad():
         hidden = [F.embedding(chunk, emb) for chunk in ids.split(per_batch)]
+        if scale is not None:
+            hidden = [h * scale for h in hidden]
     del emb
     with torch.device("cpu"):  # the rotary tables are computed on the CPU (see Calibration)
         rotary = type(model.model.rotary_emb)(config=hf_config)
     device = device if device is not None else torch.device("cpu")
     nbytes = sum(h.numel() * h.element_size() for h in hidden)
     resident = device_budget is None or 2 * nbytes <= device_budget
-    return Calibration(hidden, rotary.eval(), ids.shape[1], device=device, resident=resident)
+    return Calibration(hidden, rotary.eval(), ids.shape[1], device=device, resident=resident,
+                       arch=arch, hf_config=hf_config)
 
 
 def meta_model(src: ModelSource) -> tuple[nn.Module, Any]:
     """(the architecture on the meta device in float32 — no memory, no weights —, its HF config)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from core.arch import SUPPORTED_ARCHITECTURES
+
     hf_config = AutoConfig.from_pretrained(str(src.path), trust_remote_code=False)
+    # The family's attention kernel (Gemma 2's softcapping is eager-only); sdpa for the rest.
+    attn = adapter_for(src.architecture).attn_implementation if src.architecture in SUPPORTED_ARCHITECTURES \
+        else "sdpa"
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, attn_implementation="sdpa",
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, attn_implementation=attn,
                                                  trust_remote_code=False)
     return model, hf_config
 
@@ -629,7 +670,9 @@ def _run_quantization(job: QuantJob, sink: Sink, cancel: CancelToken | None) -> 
     _validate_groups(src, job, export_name, emit)
     if src.num_layers <= 0 or not src.layer_tensor_names(0):
         raise ValueError(f"{src.path}: no decoder layer tensors (model.layers.N.*) found; is this a causal LM folder?")
-    head = [n for n in src.non_layer_tensor_names() if n.startswith(_HEAD_PREFIXES)]
+    arch = adapter_for(src.architecture)
+    # Tensors written after the decoder layers (the rest of the non-layer tensors go first).
+    head = [n for n in src.non_layer_tensor_names() if n.startswith(arch.head_prefixes)]
     stem = [n for n in src.non_layer_tensor_names() if n not in head]
     groups = ([stem] if stem else []) + [[]] * src.num_layers + ([head] if head else [])
     first_layer_shard = 1 if stem else 0
@@ -647,7 +690,7 @@ def _run_quantization(job: QuantJob, sink: Sink, cancel: CancelToken | None) -> 
         model = hf_config = None
         layers = [_layer_from_headers(src, i) for i in range(src.num_layers)]
     n_linears = sum(
-        1 for i in range(src.num_layers) for rel, _ in _ordered_linears(layers[i])
+        1 for i in range(src.num_layers) for rel, _ in _ordered_linears(layers[i], arch.sequential)
         if not is_skipped(f"{src.layer_prefix(i)}{rel}", job.skip)
     )
     records: list[dict[str, Any]] = []
@@ -697,7 +740,7 @@ def _run_quantization(job: QuantJob, sink: Sink, cancel: CancelToken | None) -> 
             check_cancel(cancel)
             prefix = src.layer_prefix(i)
             if i in finished:
-                ignored_names.extend(f"{prefix}{rel}" for rel, _ in _ordered_linears(layers[i])
+                ignored_names.extend(f"{prefix}{rel}" for rel, _ in _ordered_linears(layers[i], arch.sequential)
                                      if is_skipped(f"{prefix}{rel}", job.skip))
                 for rec in finished[i]["metrics"]:
                     done += 1
@@ -712,7 +755,7 @@ def _run_quantization(job: QuantJob, sink: Sink, cancel: CancelToken | None) -> 
             try:
                 layer_records, shard = _quantize_layer(
                     i, prefix, src, layers[i], quantizer, exporter, job, calib, emit, cancel, done, n_linears,
-                    ignored_names, tensors, device=device,
+                    ignored_names, tensors, device=device, arch=arch,
                 )
             except Exception as exc:  # noqa: BLE001 - only out-of-memory is translated, the rest re-raised
                 if not devices.is_out_of_memory(exc):
@@ -969,13 +1012,14 @@ def _quantize_layer(
     i: int, prefix: str, src: ModelSource, layer: nn.Module, quantizer: Any, exporter: Any, job: QuantJob,
     calib: Calibration | None, emit: Sink, cancel: CancelToken | None, done: int, total: int,
     ignored: list[str], tensors: dict[str, torch.Tensor], device: torch.device | None = None,
+    arch: ArchAdapter = LLAMA,
 ) -> tuple[list[dict[str, Any]], _LayerShard]:
     """Quantize decoder layer i from its tensors as stored; returns its records and what its
     output shard will hold."""
     names = src.layer_tensor_names(i)
     # Methods that find NaN/Inf themselves while rounding (from each group's range) spare the
     # streaming run a separate pass over every weight; the engine then names the file (below).
-    self_checked = {f"{prefix}{rel}.weight" for rel, _ in _ordered_linears(layer)
+    self_checked = {f"{prefix}{rel}.weight" for rel, _ in _ordered_linears(layer, arch.sequential)
                     if getattr(quantizer, "checks_finite", False) and not is_skipped(f"{prefix}{rel}", job.skip)}
     for n, t in tensors.items():
         if n not in self_checked:
@@ -985,7 +1029,7 @@ def _quantize_layer(
                 device=device)
     del tensors
 
-    all_linears = _ordered_linears(layer)
+    all_linears = _ordered_linears(layer, arch.sequential)
     linears = {rel: m for rel, m in all_linears if not is_skipped(f"{prefix}{rel}", job.skip)}
     ignored.extend(f"{prefix}{rel}" for rel, _ in all_linears if rel not in linears)
     ctx_prefix = prefix.rstrip(".")
@@ -996,12 +1040,13 @@ def _quantize_layer(
     method_metrics: dict[str, dict[str, float]] = {}
     # A calibrated method may also leave the layer's quantized output in extra["propagated"] (with
     # each linear's output error in extra["output_rel_error"]) when it computed them on the way.
-    extra: dict[str, Any] = {"source_dtype": weight_dtype, "metrics": method_metrics}
+    # norm_offset: the family's RMSNorm scales by (offset + weight), which folding must respect.
+    extra: dict[str, Any] = {"source_dtype": weight_dtype, "metrics": method_metrics, "norm_offset": arch.norm_offset}
 
     def context(subset: dict[str, nn.Linear]) -> LayerContext:
         return LayerContext(
             index=i, num_layers=src.num_layers, prefix=ctx_prefix, module=layer, linears=subset,
-            inputs=calib.hidden if calib else None, forward=calib.forward_fn(layer) if calib else None,
+            inputs=calib.hidden if calib else None, forward=calib.forward_fn(layer, i) if calib else None,
             cancel=cancel, sink=emit, extra=extra,
         )
 
@@ -1038,7 +1083,7 @@ def _quantize_layer(
         # Propagate with the quantized weights; measure each linear's output error on the first
         # batches on the way (a statistic: more tokens would double the cost of every linear).
         check_cancel(cancel)
-        forward = calib.forward_fn(layer)
+        forward = calib.forward_fn(layer, i)
         probe = _OutputErrorProbe(linears, quantized)
         hidden: list[torch.Tensor] = []
         measured = 0

@@ -17,15 +17,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from core.arch import SUPPORTED_ARCHITECTURES as SUPPORTED_ARCHITECTURES  # re-exported
+from core.arch import unsupported_message
+
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
-
-SUPPORTED_ARCHITECTURES = (
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-)
 
 # safetensors header dtype string -> (torch dtype, bytes per element)
 DTYPES: dict[str, tuple[torch.dtype, float]] = {
@@ -166,8 +162,7 @@ class ModelSource:
     def require_supported(self) -> None:
         if not self.supported:
             raise ValueError(
-                f"unsupported architecture: {self.architecture} "
-                f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)}) in {self.path / CONFIG_FILE}"
+                f"{unsupported_message(self.architecture)} in {self.path / CONFIG_FILE}"
             )
 
     def load_tensors(self, names: list[str] | tuple[str, ...]) -> dict[str, torch.Tensor]:

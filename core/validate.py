@@ -72,8 +72,9 @@ def _positive(config: dict[str, Any], key: str, where: Path) -> int:
 
 
 def expected_shapes(config: dict[str, Any], where: Path) -> tuple[int, Shapes, Shapes]:
-    """(num_hidden_layers, required tensor shapes, optional tensor shapes) of a Llama-family
-    model (Llama, Mistral, Qwen2, Qwen3) as its config describes it. Optional tensors are biases
+    """(num_hidden_layers, required tensor shapes, optional tensor shapes) of a model of a
+    supported family as its config describes it (the layer layout from the family's adapter in
+    core.arch; Llama's for a config naming no supported architecture). Optional tensors are biases
     and q/k norms, checked when stored."""
     check_config_bounds(config, str(where))
     H = _positive(config, "hidden_size", where)
@@ -92,23 +93,17 @@ def expected_shapes(config: dict[str, Any], where: Path) -> tuple[int, Shapes, S
             raise ConfigMismatchError(f"{where}: hidden_size {H} is not divisible by num_attention_heads {nh} and "
                                       "there is no head_dim; fix config.json")
         hd = H // nh
-    required: Shapes = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
+    from core.arch import SUPPORTED_ARCHITECTURES, adapter_for
+
+    archs = config.get("architectures") or []
+    arch = adapter_for(str(archs[0]) if archs and str(archs[0]) in SUPPORTED_ARCHITECTURES else "LlamaForCausalLM")
+    required: Shapes = {arch.embed_name: (V, H), "model.norm.weight": (H,)}
     optional: Shapes = {"lm_head.weight": (V, H)}
+    layer_required, layer_optional = arch.layer_shapes(H, nh, nkv, hd, inter)
     for i in range(L):
-        p = f"model.layers.{i}."
-        required |= {
-            p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
-            p + "self_attn.q_proj.weight": (nh * hd, H), p + "self_attn.k_proj.weight": (nkv * hd, H),
-            p + "self_attn.v_proj.weight": (nkv * hd, H), p + "self_attn.o_proj.weight": (H, nh * hd),
-            p + "mlp.gate_proj.weight": (inter, H), p + "mlp.up_proj.weight": (inter, H),
-            p + "mlp.down_proj.weight": (H, inter),
-        }
-        optional |= {
-            p + "self_attn.q_proj.bias": (nh * hd,), p + "self_attn.k_proj.bias": (nkv * hd,),
-            p + "self_attn.v_proj.bias": (nkv * hd,), p + "self_attn.o_proj.bias": (H,),
-            p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,),
-            p + "mlp.gate_proj.bias": (inter,), p + "mlp.up_proj.bias": (inter,), p + "mlp.down_proj.bias": (H,),
-        }
+        p = f"{arch.layers_prefix}{i}."
+        required |= {p + rel: shape for rel, shape in layer_required.items()}
+        optional |= {p + rel: shape for rel, shape in layer_optional.items()}
     return L, required, optional
 
 

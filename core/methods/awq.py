@@ -267,7 +267,7 @@ def search_and_fold(ctx: LayerContext, cfg: AWQConfig) -> tuple[list[InputGroup]
         check_cancel(ctx.cancel)
         if not layer.quantized_readers(g):
             continue
-        producer = producer_of(ctx.module, g)
+        producer = producer_of(ctx.module, g, float(ctx.extra.get("norm_offset", 0.0)))
         if producer is None:
             msg = (f"AWQ {_qualified(ctx, '+'.join(g.readers))}: no norm or linear with matching shape "
                    "feeds this input; quantized without scaling")

@@ -31,6 +31,8 @@ class Producer:
     is_norm: bool
     head_dim: int = 1
     repeat: int = 1
+    # A norm computing x̂·(offset + w) (Gemma: 1) is divided by s as (offset + w)/s − offset.
+    offset: float = 0.0
 
     def to_reader(self, s: torch.Tensor) -> torch.Tensor:
         """Producer-channel values [kv·hd] → reader input channels [kv·repeat·hd]."""
@@ -49,11 +51,12 @@ class Producer:
         return (view.amax(dim=1) if reduce == "max" else view.mean(dim=1)).reshape(-1)
 
 
-def producer_of(module: nn.Module, group: InputGroup) -> Producer | None:
+def producer_of(module: nn.Module, group: InputGroup, norm_offset: float = 0.0) -> Producer | None:
     """The norm or linear whose output the group reads, or None when there is none a scale can
-    be folded into exactly (unknown layout, or shapes that do not line up)."""
+    be folded into exactly (unknown layout, a fused linear, or shapes that do not line up).
+    `norm_offset`: the family's RMSNorm multiplies by (norm_offset + weight)."""
     if group.norm is not None:
-        return Producer(group.norm, True)
+        return Producer(group.norm, True, offset=norm_offset)
     if len(group.readers) != 1:
         return None
     parent, _, leaf = group.readers[0].rpartition(".")
@@ -84,7 +87,10 @@ def fold(module: nn.Module, group: InputGroup, producer: Producer, s: torch.Tens
     s_in = producer.to_reader(s)
     with torch.no_grad():
         target = module.get_submodule(producer.name)
-        if producer.is_norm:
+        if producer.is_norm and producer.offset:
+            w = target.weight
+            w.copy_(((producer.offset + w.float()) / s - producer.offset).to(w.dtype))
+        elif producer.is_norm:
             target.weight.div_(s.to(target.weight.dtype))
         else:
             target.weight.div_(s[:, None].to(target.weight.dtype))

@@ -137,7 +137,7 @@ def smooth_layer(ctx: LayerContext, alpha: float | str,
         quantized = [n for n in g.readers if n in ctx.linears]
         if not quantized:
             continue
-        producer = producer_of(ctx.module, g)
+        producer = producer_of(ctx.module, g, float(ctx.extra.get("norm_offset", 0.0)))
         if producer is None:
             msg = f"SmoothQuant {ctx.prefix}.{'+'.join(g.readers)}: no norm or linear can absorb a scale; left unsmoothed"
             log.info(msg)
