@@ -430,21 +430,20 @@ def is_quantscope_gguf(path: Path) -> bool:
 
 
 def gguf_damage(path: Path) -> str | None:
-    """Why the GGUF file Quantscope wrote at `path` no longer holds the bytes it wrote (one line
-    naming the file), or None (intact, or a GGUF without Quantscope's checksum)."""
+    """Why the GGUF file at `path` cannot be used (one line naming the file): structurally unsound
+    (any writer's file), or Quantscope's file no longer holding the bytes it wrote; None when it is
+    intact or sound without Quantscope's checksum."""
     import zlib
 
-    import gguf
+    from core.export.gguf_check import open_gguf
 
     again = "export it again"
+    # A structurally unsound file (any writer's) raises open_gguf's bounded one-line error, which
+    # names the file and what is wrong better than a checksum mismatch would.
     try:
-        field = gguf.GGUFReader(str(path)).fields.get(CRC_KEY)
-    except Exception as exc:  # noqa: BLE001 - gguf-py raises plain ValueErrors and others
-        with open(path, "rb") as f:
-            ours = CRC_KEY.encode() in f.read(64 << 20)  # the key-values come first
-        if not ours:
-            return None  # not Quantscope's: the loader says what is wrong with it
-        return f"{path} is damaged: not a readable GGUF file any more ({exc}); {again}"
+        field = open_gguf(path).fields.get(CRC_KEY)
+    except ValueError as exc:
+        return str(exc)
     if field is None:
         return None
     end = field.offset + sum(int(p.nbytes) for p in field.parts)
