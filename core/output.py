@@ -412,6 +412,14 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def _refuse_busy(target: Path) -> None:
+    """OutputBusy, naming the holder, when another run holds `target`'s lock."""
+    holder = holder_of(target)
+    if holder is not None:
+        raise OutputBusy(f"--out {target} is in use by another Quantscope run ({holder}); "
+                         "wait for it to finish or choose another --out")
+
+
 class OutputWriter:
     """Temporary folder, shards, journal and the final atomic rename of one quantization output.
 
@@ -465,10 +473,7 @@ class OutputWriter:
         `_check_out_path`), an existing output that is not Quantscope's own or that is not to be
         overwritten, and an output another run is writing. Nothing is created or taken."""
         self._check_paths()
-        holder = holder_of(self.target)
-        if holder is not None:
-            raise OutputBusy(f"--out {self.target} is in use by another Quantscope run ({holder}); "
-                             "wait for it to finish or choose another --out")
+        _refuse_busy(self.target)
 
     def __enter__(self) -> OutputWriter:
         self._check_paths()
@@ -813,10 +818,7 @@ class OutputFile:
     def check_target(self) -> None:
         """As OutputWriter.check_target: refuse before any work; nothing is created or taken."""
         self._check_paths()
-        holder = holder_of(self.target)
-        if holder is not None:
-            raise OutputBusy(f"--out {self.target} is in use by another Quantscope run ({holder}); "
-                             "wait for it to finish or choose another --out")
+        _refuse_busy(self.target)
 
     def __enter__(self) -> OutputFile:
         self._check_paths()
